@@ -1,0 +1,334 @@
+"""CIFAR-10 for training and evaluation: reading the files, the paper's transforms, the loaders.
+
+The data comes from the official python layout, `<data-dir>/cifar-10-batches-py/`
+(`data_batch_1..5`, `test_batch`, `batches.meta`), read by a small reader of our own into uint8
+arrays. We do not go through `torchvision.datasets.CIFAR10`: it refuses any folder whose md5 sums
+are not the official ones, so a re-encoded or repaired copy would be unusable. The batch files are
+pickles; they are unpickled with an allow-list that admits only what numpy arrays need, so a
+tampered file cannot run code. When the folder is missing, the official archive is downloaded
+(md5-checked) and extracted.
+
+Augmentation is a pure function of (seed, epoch, image index): the sampler hands every image its
+own seed, so an epoch's batches are the same whatever the number of workers or processes, and a
+run resumed mid-epoch sees exactly the batches it would have seen.
+"""
+from __future__ import annotations
+
+import codecs
+import os
+import pickle
+import random
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+from numpy._core import multiarray, numeric
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torchvision.datasets.utils import download_and_extract_archive
+from torchvision.transforms import v2
+
+CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"  # of the official archive
+FOLDER = "cifar-10-batches-py"
+TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
+TEST_FILE = "test_batch"
+META_FILE = "batches.meta"
+CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+# Per-channel mean and standard deviation (RGB, pixel values in [0, 1]) over all pixels of the
+# 50,000 official training images; tests/test_data.py recomputes them from data.
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+SPLIT_SEED = 0  # the validation hold-out is fixed: it does not move with --seed
+
+
+class DataError(Exception):
+    """The data set is missing or a file of it is unusable; the message says which and what to do."""
+
+
+# ----------------------------------------------------------------------------- reading the files
+
+def _latin1_encode(text: str, encoding: str = "latin1") -> bytes:
+    # Python 3 pickles bytes in protocol 2 as _codecs.encode(text, "latin1"); admit nothing else.
+    if encoding not in ("latin1", "latin-1"):
+        raise pickle.UnpicklingError(f"codec {encoding!r} is not allowed")
+    return codecs.encode(text, encoding)
+
+
+# Everything a CIFAR-10 batch pickle may name: numpy's array rebuilders, under the pre-2.0 module
+# path of the official files and under numpy 2's, and the codec of Python 3's protocol 2.
+_ALLOWED_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"): multiarray._reconstruct,
+    ("numpy._core.multiarray", "_reconstruct"): multiarray._reconstruct,
+    ("numpy.core.numeric", "_frombuffer"): numeric._frombuffer,
+    ("numpy._core.numeric", "_frombuffer"): numeric._frombuffer,
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): np.dtype,
+    ("_codecs", "encode"): _latin1_encode,
+}
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """An unpickler that builds numpy arrays and plain containers, and refuses every other global."""
+
+    def find_class(self, module: str, name: str):
+        try:
+            return _ALLOWED_GLOBALS[(module, name)]
+        except KeyError:
+            raise pickle.UnpicklingError(f"it asks for {module}.{name}, which a CIFAR-10 file never holds") from None
+
+
+def _unpickle(path: Path) -> dict:
+    """Load one CIFAR-10 pickle (Python 2's official files or a Python 3 re-pickle) as a str-keyed dict."""
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    try:
+        with open(path, "rb") as f:
+            obj = _ArrayUnpickler(f, encoding="latin1").load()
+    except pickle.UnpicklingError as e:
+        raise DataError(f"{path}: refused to load ({e}); replace it with the official file") from None
+    except (EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError, OverflowError,
+            MemoryError, UnicodeError, OSError) as e:
+        raise DataError(f"{path}: truncated or unreadable ({type(e).__name__}: {e}); "
+                        "replace it with the official file") from None
+    if not isinstance(obj, dict):
+        raise DataError(f"{path}: expected a dict, got {type(obj).__name__}; not a CIFAR-10 file")
+    return {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in obj.items()}
+
+
+def read_batch(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+    """Read one batch file: images as uint8 N x 32 x 32 x 3 (HWC, RGB), labels as int64 N."""
+    path = Path(path)
+    batch = _unpickle(path)
+    data, labels = batch.get("data"), batch.get("labels")
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+        got = f"{data.dtype} array of shape {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
+        raise DataError(f"{path}: 'data' must be a uint8 array of shape (N, 3072), got {got}")
+    if not isinstance(labels, (list, tuple, np.ndarray)) or len(labels) != len(data):
+        n = len(labels) if isinstance(labels, (list, tuple, np.ndarray)) else type(labels).__name__
+        raise DataError(f"{path}: 'labels' must be a list of {len(data)} class indices, got {n}")
+    try:
+        labels = np.asarray(labels, dtype=np.int64)
+    except (TypeError, ValueError, OverflowError):
+        raise DataError(f"{path}: 'labels' must be integers") from None
+    if labels.ndim != 1 or (labels.size and (labels.min() < 0 or labels.max() >= len(CLASSES))):
+        raise DataError(f"{path}: labels out of range: expected 0..{len(CLASSES) - 1}, "
+                        f"got {labels.min()}..{labels.max()}")
+    # The rows are channel-planar (1024 R, 1024 G, 1024 B); HWC is what PIL wants.
+    images = np.ascontiguousarray(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+    return images, labels
+
+
+def read_meta(path: str | os.PathLike) -> tuple[str, ...]:
+    """Read `batches.meta` and check that it names the ten CIFAR-10 classes."""
+    path = Path(path)
+    names = _unpickle(path).get("label_names")
+    if not isinstance(names, (list, tuple)) or len(names) != len(CLASSES):
+        raise DataError(f"{path}: 'label_names' must list the {len(CLASSES)} CIFAR-10 classes")
+    return tuple(n.decode("latin1") if isinstance(n, bytes) else str(n) for n in names)
+
+
+def ensure_cifar10(root: str | os.PathLike, download: bool = True) -> Path:
+    """Return `root/cifar-10-batches-py`, downloading and extracting the official archive if absent."""
+    root = Path(root)
+    folder = root / FOLDER
+    if not folder.is_dir() and download:
+        try:
+            download_and_extract_archive(CIFAR10_URL, root, filename="cifar-10-python.tar.gz", md5=CIFAR10_MD5)
+        except Exception as e:  # no network, a proxy error, a bad md5, a full disk: all end here
+            raise DataError(f"CIFAR-10 is not in {folder} and could not be downloaded ({type(e).__name__}: {e}); "
+                            f"download {CIFAR10_URL}, extract it into {root} so that {folder / TRAIN_FILES[0]} "
+                            "exists, or pass --data-dir to the folder that holds cifar-10-batches-py/") from None
+    if not folder.is_dir():
+        raise DataError(f"CIFAR-10 is not in {folder}; extract the official archive there or pass --data-dir")
+    missing = [n for n in (*TRAIN_FILES, TEST_FILE, META_FILE) if not (folder / n).is_file()]
+    if missing:
+        raise DataError(f"{folder / missing[0]}: file not found (the folder lacks {', '.join(missing)}); "
+                        "extract the official archive there again")
+    return folder
+
+
+@dataclass
+class CIFAR10:
+    """The whole data set in memory: 50,000 + 10,000 images are 180 MB of uint8."""
+
+    train_images: np.ndarray  # uint8 N x 32 x 32 x 3
+    train_labels: np.ndarray  # int64 N
+    test_images: np.ndarray
+    test_labels: np.ndarray
+    classes: tuple[str, ...]
+
+
+def load_cifar10(root: str | os.PathLike, download: bool = True) -> CIFAR10:
+    """Read every file of the official layout under `root` (downloading it first if needed)."""
+    folder = ensure_cifar10(root, download)
+    classes = read_meta(folder / META_FILE)
+    train = [read_batch(folder / name) for name in TRAIN_FILES]
+    test_images, test_labels = read_batch(folder / TEST_FILE)
+    return CIFAR10(np.concatenate([x for x, _ in train]), np.concatenate([y for _, y in train]),
+                   test_images, test_labels, classes)
+
+
+# ----------------------------------------------------------------------------- splits
+
+def stratified_order(labels: np.ndarray, seed: int = SPLIT_SEED) -> np.ndarray:
+    """A seeded order of all indices in which every prefix holds the classes in their overall
+    proportions (up to one image per class), so `order[:k]` is a class-stratified sample of k."""
+    labels = np.asarray(labels)
+    shuffled = np.random.default_rng(seed).permutation(len(labels))
+    rank = np.empty(len(labels))
+    for c in np.unique(labels):
+        members = shuffled[labels[shuffled] == c]
+        rank[members] = (np.arange(len(members)) + 0.5) / len(members)  # position within its class
+    return shuffled[np.argsort(rank[shuffled], kind="stable")]
+
+
+def split_train_val(labels: np.ndarray, val_size: int, subset: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of (training images, validation hold-out): a fixed, class-stratified `val_size`
+    held out, and of the rest the first `subset` of a stratified order (all of them when 0)."""
+    if not 0 <= val_size < len(labels):
+        raise DataError(f"--val-size {val_size} must be in 0..{len(labels) - 1} for {len(labels)} training images")
+    order = stratified_order(labels)
+    val, train = order[:val_size], order[val_size:]
+    if subset:
+        if subset > len(train):
+            raise DataError(f"--subset {subset} is more than the {len(train)} training images left after --val-size")
+        train = train[stratified_order(labels[train], SPLIT_SEED + 1)[:subset]]
+    return np.sort(train), np.sort(val)
+
+
+# ----------------------------------------------------------------------------- transforms
+
+def normalize() -> v2.Normalize:
+    return v2.Normalize(CIFAR10_MEAN, CIFAR10_STD)
+
+
+def train_transform() -> v2.Compose:
+    """The paper's augmentation, in its order: padded random crop, flip, rotation within +-10 deg."""
+    return v2.Compose([
+        v2.RandomCrop(32, padding=4),  # zero padding of 4 px on each side, then a random 32x32 window
+        v2.RandomHorizontalFlip(),  # p = 0.5
+        v2.RandomRotation(10),  # angle uniform in [-10, 10] degrees, nearest neighbour, zero fill
+        v2.ToImage(),
+        v2.ToDtype(torch.float32, scale=True),  # uint8 0..255 -> float 0..1
+        normalize(),
+    ])
+
+
+def test_transform() -> v2.Compose:
+    return v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True), normalize()])
+
+
+# ----------------------------------------------------------------------------- datasets and loaders
+
+def mix_seed(*values: int) -> int:
+    """Hash integers into one 63-bit seed (splitmix64), so nearby inputs give unrelated seeds."""
+    z = 0x9E3779B97F4A7C15
+    for v in values:
+        z = (z ^ (v & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+        z = (z ^ (z >> 31)) * 0x94D049BB133111EB & 0xFFFFFFFFFFFFFFFF
+        z ^= z >> 29
+    return z >> 1
+
+
+class ImageDataset(Dataset):
+    """uint8 HWC images and labels served through a transform, as PIL images like torchvision's CIFAR10.
+
+    An item key is an index, or `(index, seed)`: then the transform's random draws come from a
+    generator freshly seeded with `seed`, which makes the augmentation of each image reproducible."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, transform: v2.Compose) -> None:
+        self.images, self.labels, self.transform = images, labels, transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
+        index, seed = key if isinstance(key, tuple) else (key, None)
+        if seed is not None:
+            torch.default_generator.manual_seed(seed)  # the CPU generator only: 2 us, not 200
+        return self.transform(Image.fromarray(self.images[index])), int(self.labels[index])
+
+
+class EpochSampler(DistributedSampler):
+    """DistributedSampler's seeded per-epoch permutation, sliced per rank, yielding `(index, seed)`.
+
+    Each image's seed is a hash of (run seed, epoch, index), and `set_epoch(epoch, start)` can skip
+    the first `start` samples of this rank's shard, for a resume in the middle of an epoch."""
+
+    def __init__(self, size: int, seed: int, rank: int = 0, world_size: int = 1) -> None:
+        super().__init__(range(size), num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
+        self.start = 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        super().set_epoch(epoch)
+        self.start = start
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        indices = list(super().__iter__())[self.start:]
+        return iter([(i, mix_seed(self.seed, self.epoch, i)) for i in indices])
+
+    def __len__(self) -> int:
+        return self.num_samples - self.start
+
+
+def _init_worker(worker_id: int) -> None:
+    # Ctrl-C in a terminal reaches the whole process group: let the main process alone decide how
+    # to stop (it exits at a step boundary; workers end with it).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # numpy and random are not used by the transforms; seed them for any code that does.
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def default_workers(device: torch.device) -> int:
+    """DataLoader workers for this machine: enough to feed a GPU; on CPU one, so the model keeps the cores."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return min(8, cpus) if device.type == "cuda" else min(1, cpus - 1)
+
+
+class TorchvisionLoader:
+    """The paper's pipeline: PIL transforms in DataLoader workers, batches of `batch_size` per rank.
+
+    `set_epoch(epoch, start_step)` picks the epoch's permutation (and a step to start at) before
+    iterating; `len()` is the number of steps left in that epoch."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, batch_size: int, *, seed: int, workers: int,
+                 device: torch.device, rank: int = 0, world_size: int = 1) -> None:
+        self.batch_size = batch_size
+        self.sampler = EpochSampler(len(images), seed, rank, world_size)
+        self.loader = DataLoader(
+            ImageDataset(images, labels, train_transform()), batch_size=batch_size, sampler=self.sampler,
+            num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=workers > 0,
+            worker_init_fn=_init_worker, generator=torch.Generator().manual_seed(seed), drop_last=False)
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        self.sampler.set_epoch(epoch, start_step * self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return iter(self.loader)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return -(-self.sampler.num_samples // self.batch_size)
+
+    @property
+    def images_left(self) -> int:
+        return len(self.sampler)
+
+
+def make_eval_loader(images: np.ndarray, labels: np.ndarray, batch_size: int, *, workers: int,
+                     device: torch.device, rank: int = 0, world_size: int = 1) -> DataLoader:
+    """Unshuffled, unaugmented batches of this rank's share (every world_size-th image) of a split."""
+    shard = slice(rank, None, world_size)
+    return DataLoader(ImageDataset(images[shard], labels[shard], test_transform()), batch_size=batch_size,
+                      shuffle=False, num_workers=workers, pin_memory=device.type == "cuda",
+                      persistent_workers=workers > 0, worker_init_fn=_init_worker)

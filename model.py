@@ -1,0 +1,90 @@
+"""ResNet9 for CIFAR-10: the network of the paper, `ResNet(BasicBlock, [1, 1, 1, 1])`.
+
+A 3x3 stem convolution to 64 channels, four stages of one BasicBlock each at 64/128/256/512
+channels (strides 1/2/2/2), global average pooling and a linear layer to the classes:
+4,903,242 trainable parameters for 10 classes. The layout follows kuangliu/pytorch-cifar's
+`models/resnet.py`, from which the paper took its model.
+
+This file only defines the architecture: no I/O, no argument parsing, no printing.
+
+    >>> from model import resnet9, count_parameters
+    >>> count_parameters(resnet9())
+    4903242
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ARCHITECTURES = ("resnet9",)  # names `build_model` accepts; stored in every checkpoint's config
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 conv-BN layers with an identity (or 1x1 conv-BN) shortcut, ReLU after the sum."""
+
+    expansion = 1
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or in_planes != planes * self.expansion:
+            # The shape changes: project the input so it can be added to the block's output.
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_planes, planes * self.expansion, 1, stride=stride, bias=False),
+                nn.BatchNorm2d(planes * self.expansion),
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class ResNet(nn.Module):
+    """CIFAR-style ResNet: no max-pool after the stem, so a 32x32 input ends at 4x4 before pooling."""
+
+    def __init__(self, block: type[BasicBlock], num_blocks: list[int], num_classes: int = 10) -> None:
+        super().__init__()
+        self.in_planes = 64
+        self.conv1 = nn.Conv2d(3, 64, 3, stride=1, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.layer1 = self._make_layer(block, 64, num_blocks[0], stride=1)
+        self.layer2 = self._make_layer(block, 128, num_blocks[1], stride=2)
+        self.layer3 = self._make_layer(block, 256, num_blocks[2], stride=2)
+        self.layer4 = self._make_layer(block, 512, num_blocks[3], stride=2)
+        self.linear = nn.Linear(512 * block.expansion, num_classes)
+
+    def _make_layer(self, block: type[BasicBlock], planes: int, num_blocks: int, stride: int) -> nn.Sequential:
+        layers = []
+        for s in [stride] + [1] * (num_blocks - 1):  # only the first block of a stage downsamples
+            layers.append(block(self.in_planes, planes, s))
+            self.in_planes = planes * block.expansion
+        return nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
+        out = F.adaptive_avg_pool2d(out, 1).flatten(1)  # global average pool: 4x4 for 32x32 inputs
+        return self.linear(out)
+
+
+def resnet9(num_classes: int = 10) -> ResNet:
+    """The paper's model: one BasicBlock per stage, 4,903,242 parameters for 10 classes."""
+    return ResNet(BasicBlock, [1, 1, 1, 1], num_classes=num_classes)
+
+
+def build_model(arch: str, num_classes: int = 10) -> ResNet:
+    """Build a model by the name stored in a checkpoint's config."""
+    if arch != "resnet9":
+        raise ValueError(f"unknown architecture {arch!r}; known: {', '.join(ARCHITECTURES)}")
+    return resnet9(num_classes)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of trainable parameters (BatchNorm running statistics are buffers, not counted)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
