@@ -12,6 +12,7 @@ import contextlib
 import os
 import re
 import uuid
+import warnings
 from pathlib import Path
 
 import torch
@@ -66,7 +67,7 @@ def save_checkpoint(obj: dict, path: str | os.PathLike) -> None:
 
 def _describe_load_error(e: Exception) -> str:
     text = str(e)
-    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    found = re.search(r"GLOBAL ([\w.]+)", text)
     if found:
         return (f"refused: it names {found.group(1)}, which is neither a tensor nor plain data "
                 "(a pickle that could run code is never loaded)")
@@ -83,7 +84,9 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     if not path.is_file():
         raise CheckpointError(f"{path}: not a file")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about unusual pickle protocols: the error says enough
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch.load raises many types on corrupt input; all mean "unusable"
         raise CheckpointError(f"{path}: {_describe_load_error(e)}") from None
     if not isinstance(obj, dict) or not isinstance(obj.get("model"), dict):

@@ -19,9 +19,9 @@ import os
 import pickle
 import random
 import signal
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -43,6 +43,7 @@ CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "hors
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 SPLIT_SEED = 0  # the validation hold-out is fixed: it does not move with --seed
+PAD = 4  # pixels of zero padding around an image before the random 32x32 crop
 
 
 class DataError(Exception):
@@ -54,7 +55,7 @@ class DataError(Exception):
 def _latin1_encode(text: str, encoding: str = "latin1") -> bytes:
     # Python 3 pickles bytes in protocol 2 as _codecs.encode(text, "latin1"); admit nothing else.
     if encoding not in ("latin1", "latin-1"):
-        raise pickle.UnpicklingError(f"codec {encoding!r} is not allowed")
+        raise _Refused(f"it asks for codec {encoding!r}, which a CIFAR-10 file never uses")
     return codecs.encode(text, encoding)
 
 
@@ -71,6 +72,10 @@ _ALLOWED_GLOBALS = {
 }
 
 
+class _Refused(pickle.UnpicklingError):
+    pass
+
+
 class _ArrayUnpickler(pickle.Unpickler):
     """An unpickler that builds numpy arrays and plain containers, and refuses every other global."""
 
@@ -78,7 +83,7 @@ class _ArrayUnpickler(pickle.Unpickler):
         try:
             return _ALLOWED_GLOBALS[(module, name)]
         except KeyError:
-            raise pickle.UnpicklingError(f"it asks for {module}.{name}, which a CIFAR-10 file never holds") from None
+            raise _Refused(f"it asks for {module}.{name}, which a CIFAR-10 file never holds") from None
 
 
 def _unpickle(path: Path) -> dict:
@@ -88,10 +93,11 @@ def _unpickle(path: Path) -> dict:
     try:
         with open(path, "rb") as f:
             obj = _ArrayUnpickler(f, encoding="latin1").load()
-    except pickle.UnpicklingError as e:
-        raise DataError(f"{path}: refused to load ({e}); replace it with the official file") from None
-    except (EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError, OverflowError,
-            MemoryError, UnicodeError, OSError) as e:
+    except _Refused as e:
+        raise DataError(f"{path}: refused to load ({e}); nothing in it was run; "
+                        "replace it with the official file") from None
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError,
+            OverflowError, MemoryError, UnicodeError, OSError) as e:
         raise DataError(f"{path}: truncated or unreadable ({type(e).__name__}: {e}); "
                         "replace it with the official file") from None
     if not isinstance(obj, dict):
@@ -206,19 +212,19 @@ def normalize() -> v2.Normalize:
     return v2.Normalize(CIFAR10_MEAN, CIFAR10_STD)
 
 
-def train_transform() -> v2.Compose:
+def train_transform(rotation: float = 10.0) -> v2.Compose:
     """The paper's augmentation, in its order: padded random crop, flip, rotation within +-10 deg."""
     return v2.Compose([
-        v2.RandomCrop(32, padding=4),  # zero padding of 4 px on each side, then a random 32x32 window
+        v2.RandomCrop(32, padding=PAD),  # zero padding of 4 px on each side, then a random 32x32 window
         v2.RandomHorizontalFlip(),  # p = 0.5
-        v2.RandomRotation(10),  # angle uniform in [-10, 10] degrees, nearest neighbour, zero fill
+        *([v2.RandomRotation(rotation)] if rotation else []),  # uniform in [-10, 10] deg, nearest, zero fill
         v2.ToImage(),
         v2.ToDtype(torch.float32, scale=True),  # uint8 0..255 -> float 0..1
         normalize(),
     ])
 
 
-def test_transform() -> v2.Compose:
+def eval_transform() -> v2.Compose:
     return v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True), normalize()])
 
 
@@ -299,11 +305,11 @@ class TorchvisionLoader:
     iterating; `len()` is the number of steps left in that epoch."""
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, batch_size: int, *, seed: int, workers: int,
-                 device: torch.device, rank: int = 0, world_size: int = 1) -> None:
+                 device: torch.device, rank: int = 0, world_size: int = 1, rotation: float = 10.0) -> None:
         self.batch_size = batch_size
         self.sampler = EpochSampler(len(images), seed, rank, world_size)
         self.loader = DataLoader(
-            ImageDataset(images, labels, train_transform()), batch_size=batch_size, sampler=self.sampler,
+            ImageDataset(images, labels, train_transform(rotation)), batch_size=batch_size, sampler=self.sampler,
             num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=workers > 0,
             worker_init_fn=_init_worker, generator=torch.Generator().manual_seed(seed), drop_last=False)
 
@@ -326,9 +332,119 @@ class TorchvisionLoader:
 
 
 def make_eval_loader(images: np.ndarray, labels: np.ndarray, batch_size: int, *, workers: int,
-                     device: torch.device, rank: int = 0, world_size: int = 1) -> DataLoader:
-    """Unshuffled, unaugmented batches of this rank's share (every world_size-th image) of a split."""
+                     device: torch.device, rank: int = 0, world_size: int = 1, on_device: bool = False):
+    """Unshuffled, unaugmented batches of this rank's share (every world_size-th image) of a split:
+    normalised on the device from uint8 held there (`on_device`), or by DataLoader workers."""
     shard = slice(rank, None, world_size)
-    return DataLoader(ImageDataset(images[shard], labels[shard], test_transform()), batch_size=batch_size,
+    if on_device:
+        return DeviceBatches(images[shard], labels[shard], batch_size, device)
+    return DataLoader(ImageDataset(images[shard], labels[shard], eval_transform()), batch_size=batch_size,
                       shuffle=False, num_workers=workers, pin_memory=device.type == "cuda",
                       persistent_workers=workers > 0, worker_init_fn=_init_worker)
+
+
+# ----------------------------------------------------------------------------- augmentation on the device
+
+def to_device_images(images: np.ndarray, device: torch.device) -> torch.Tensor:
+    """uint8 N x 32 x 32 x 3 (HWC) -> uint8 N x 3 x 32 x 32 on the device."""
+    return torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))).to(device)
+
+
+def normalize_batch(images: torch.Tensor) -> torch.Tensor:
+    """uint8 B x 3 x H x W -> float32, scaled to [0, 1] and normalised with the CIFAR-10 mean and std."""
+    mean = torch.tensor(CIFAR10_MEAN, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(CIFAR10_STD, device=images.device).view(1, 3, 1, 1)
+    return (images.float() / 255 - mean) / std
+
+
+def augment_params(n: int, generator: torch.Generator, rotation: float = 10.0) -> dict[str, torch.Tensor]:
+    """Random parameters for n images, drawn as torchvision's transforms draw them: crop offsets
+    uniform in 0..2*PAD, a flip with probability 1/2, an angle uniform in [-rotation, rotation]."""
+    return {
+        "top": torch.randint(0, 2 * PAD + 1, (n,), generator=generator),
+        "left": torch.randint(0, 2 * PAD + 1, (n,), generator=generator),
+        "flip": torch.rand(n, generator=generator) < 0.5,
+        "angle": (torch.rand(n, generator=generator) * 2 - 1) * rotation,
+    }
+
+
+def augment_batch(images: torch.Tensor, top: torch.Tensor, left: torch.Tensor, flip: torch.Tensor,
+                  angle: torch.Tensor) -> torch.Tensor:
+    """The paper's augmentation for a whole uint8 batch in one gather, with per-image parameters.
+
+    For each output pixel it finds the source pixel the PIL pipeline would read: undo the rotation
+    about the image centre (nearest neighbour: PIL takes the floor of the source coordinate of the
+    pixel centre), undo the flip, undo the crop of the zero-padded image. Pixels that come from
+    outside the rotated window or from the padding are zero, as PIL fills them."""
+    b, c, h, w = images.shape
+    dev = images.device
+    theta = torch.deg2rad(angle.to(dev, torch.float32)).view(b, 1, 1)
+    cos, sin = torch.cos(theta), torch.sin(theta)
+    v = (torch.arange(h, device=dev, dtype=torch.float32) + 0.5 - h / 2).view(1, h, 1)
+    u = (torch.arange(w, device=dev, dtype=torch.float32) + 0.5 - w / 2).view(1, 1, w)
+    qx = torch.floor(cos * u - sin * v + w / 2).long()  # source pixel in the rotated (cropped, flipped) image
+    qy = torch.floor(sin * u + cos * v + h / 2).long()
+    inside = (qx >= 0) & (qx < w) & (qy >= 0) & (qy < h)
+    qx = torch.where(flip.to(dev).view(b, 1, 1), w - 1 - qx, qx)  # undo the flip
+    sx = qx + left.to(dev).view(b, 1, 1) - PAD  # undo the crop of the padded image
+    sy = qy + top.to(dev).view(b, 1, 1) - PAD
+    inside &= (sx >= 0) & (sx < w) & (sy >= 0) & (sy < h)
+    index = (sy.clamp(0, h - 1) * w + sx.clamp(0, w - 1)).view(b, 1, h * w).expand(b, c, h * w)
+    out = images.reshape(b, c, h * w).gather(2, index).view(b, c, h, w)
+    return out * inside.unsqueeze(1).to(out.dtype)
+
+
+class DeviceLoader:
+    """The whole training split held on the training device as uint8, augmented there batch by batch.
+
+    Same protocol as TorchvisionLoader, and the same order of images (DistributedSampler's seeded
+    permutation, sliced per rank); each image's random parameters come from a generator seeded by
+    (seed, epoch), indexed by the image, so they too do not depend on the number of processes."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, batch_size: int, *, seed: int,
+                 device: torch.device, rank: int = 0, world_size: int = 1, rotation: float = 10.0) -> None:
+        self.batch_size, self.seed, self.rotation, self.device = batch_size, seed, rotation, device
+        self.images = to_device_images(images, device)
+        self.labels = torch.from_numpy(labels).to(device)
+        self.sampler = DistributedSampler(range(len(images)), num_replicas=world_size, rank=rank, shuffle=True,
+                                          seed=seed)
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        self.epoch, self.start = epoch, start_step * self.batch_size
+        self.sampler.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        order = torch.tensor(list(self.sampler)[self.start:], dtype=torch.long).to(self.device)
+        generator = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch))
+        params = {k: v.to(self.device) for k, v in augment_params(len(self.images), generator, self.rotation).items()}
+        for i in range(0, len(order), self.batch_size):
+            idx = order[i:i + self.batch_size]
+            x = augment_batch(self.images[idx], **{k: v[idx] for k, v in params.items()})
+            yield normalize_batch(x), self.labels[idx]
+
+    def __len__(self) -> int:
+        return -(-self.images_left // self.batch_size)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return -(-self.sampler.num_samples // self.batch_size)
+
+    @property
+    def images_left(self) -> int:
+        return self.sampler.num_samples - self.start
+
+
+class DeviceBatches:
+    """Unaugmented batches of uint8 images held on the device, normalised one batch at a time."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, batch_size: int, device: torch.device) -> None:
+        self.images, self.labels = to_device_images(images, device), torch.from_numpy(labels).to(device)
+        self.batch_size = batch_size
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for i in range(0, len(self.images), self.batch_size):
+            yield normalize_batch(self.images[i:i + self.batch_size]), self.labels[i:i + self.batch_size]
+
+    def __len__(self) -> int:
+        return -(-len(self.images) // self.batch_size)

@@ -13,8 +13,8 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -23,7 +23,7 @@ from torch import nn
 
 import plots
 from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
-from data import CLASSES, DataError, default_workers, load_cifar10, make_eval_loader
+from data import CLASSES, DataError, load_cifar10, make_eval_loader
 from runtime import autocast, pick_device
 
 
@@ -32,17 +32,23 @@ def _prepare(x: torch.Tensor, device: torch.device, channels_last: bool) -> torc
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
+def forward(model: nn.Module, x: torch.Tensor, *, tta: bool = False) -> torch.Tensor:
+    """Logits (float32); with `tta`, the mean of the logits of the images and their mirror images."""
+    logits = model(x).float()
+    return (logits + model(x.flip(3)).float()) / 2 if tta else logits
+
+
 @torch.inference_mode()
 def evaluate(model: nn.Module, loader, device: torch.device, *, amp: bool = False, channels_last: bool = False,
-             reduce: Callable[[torch.Tensor], torch.Tensor] = lambda t: t) -> dict:
+             tta: bool = False, reduce: Callable[[torch.Tensor], torch.Tensor] = lambda t: t) -> dict:
     """Mean cross-entropy and top-1 accuracy (%) over a loader; `reduce` sums the totals across ranks."""
     model.eval()
     sums = torch.zeros(3, device=device)  # loss sum, correct, images; kept on the device: no per-batch sync
     for x, y in loader:
         x, y = _prepare(x, device, channels_last), y.to(device, non_blocking=True)
         with autocast(device, amp):
-            logits = model(x)
-        sums[0] += F.cross_entropy(logits.float(), y, reduction="sum")
+            logits = forward(model, x, tta=tta)
+        sums[0] += F.cross_entropy(logits, y, reduction="sum")
         sums[1] += (logits.argmax(1) == y).sum()
         sums[2] += len(y)
     loss_sum, correct, n = reduce(sums).tolist()
@@ -50,15 +56,15 @@ def evaluate(model: nn.Module, loader, device: torch.device, *, amp: bool = Fals
 
 
 @torch.inference_mode()
-def predict(model: nn.Module, loader, device: torch.device, *, amp: bool = False,
-            channels_last: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def predict(model: nn.Module, loader, device: torch.device, *, amp: bool = False, channels_last: bool = False,
+            tta: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits (float32, on the CPU) and labels for every image, one batch in memory at a time."""
     model.eval()
     all_logits, all_labels = [], []
     for x, y in loader:
         with autocast(device, amp):
-            logits = model(_prepare(x, device, channels_last))
-        all_logits.append(logits.float().cpu())
+            logits = forward(model, _prepare(x, device, channels_last), tta=tta)
+        all_logits.append(logits.cpu())
         all_labels.append(y.cpu())
     return torch.cat(all_logits), torch.cat(all_labels)
 
@@ -73,7 +79,7 @@ def classification_report(logits: torch.Tensor, labels: torch.Tensor, classes: t
         "loss": F.cross_entropy(logits, labels).item(),
         "accuracy": 100.0 * (preds == labels).float().mean().item(),
         "n": len(labels),
-        "per_class_accuracy": dict(zip(classes, per_class.round(2).tolist())),
+        "per_class_accuracy": dict(zip(classes, per_class.round(2).tolist(), strict=True)),
         "confusion_matrix": cm.tolist(),
     }
 
@@ -85,7 +91,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-dir", default=None, help="where plots and report.json go (default: eval/<checkpoint name>)")
     p.add_argument("--batch-size", type=int, default=500, help="images per forward pass")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
-    p.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: auto)")
     return p
 
 
@@ -108,8 +113,8 @@ def run(args: argparse.Namespace) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
 
     data = load_cifar10(args.data_dir)
-    workers = default_workers(device) if args.workers is None else args.workers
-    loader = make_eval_loader(data.test_images, data.test_labels, args.batch_size, workers=workers, device=device)
+    loader = make_eval_loader(data.test_images, data.test_labels, args.batch_size, workers=0, device=device,
+                              on_device=True)
     start = time.perf_counter()
     logits, labels = predict(model.to(device), loader, device)
     seconds = time.perf_counter() - start

@@ -5,12 +5,17 @@ Shared by train.py and evaluate.py. Nothing here runs at import time.
 from __future__ import annotations
 
 import contextlib
+import datetime
+import importlib.util
+import os
 import random
+import shutil
 import signal
-from typing import ContextManager
+import sys
 
 import numpy as np
 import torch
+from torch import nn
 
 DEVICE_TYPES = ("auto", "cpu", "cuda", "mps")
 
@@ -39,7 +44,7 @@ def pick_device(name: str = "auto") -> torch.device:
     return device
 
 
-def autocast(device: torch.device, enabled: bool) -> ContextManager:
+def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
     """bf16 autocast on CUDA when enabled; a no-op everywhere else (CPU bf16 convolutions are slow)."""
     if enabled and device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
@@ -120,3 +125,120 @@ class Distributed:
         if self.enabled:
             torch.distributed.all_reduce(tensor)
         return tensor
+
+    def broadcast_buffers(self, model: nn.Module) -> None:
+        """Give every rank rank 0's BatchNorm running statistics, so all evaluate the same model."""
+        if self.enabled:
+            for buffer in model.buffers():
+                torch.distributed.broadcast(buffer, 0)
+
+    def first_error(self, message: str | None) -> str | None:
+        """Rank 0's error message (or None) on every rank, so that all stop together."""
+        if not self.enabled:
+            return message
+        box = [message]
+        torch.distributed.broadcast_object_list(box, 0)
+        return box[0]
+
+
+def init_distributed(device_name: str, timeout_s: float) -> tuple[Distributed, torch.device]:
+    """Join the torchrun job described by the environment (RANK, WORLD_SIZE, LOCAL_RANK), if any.
+
+    NCCL on CUDA (one GPU per process, by LOCAL_RANK), gloo on the CPU. A collective that waits
+    longer than `timeout_s` (a process died or hangs) raises instead of hanging the job."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return Distributed(), pick_device(device_name)
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    device = pick_device(device_name)
+    if device.type == "cuda":
+        if local_rank >= torch.cuda.device_count():
+            raise ValueError(f"process {rank} has LOCAL_RANK {local_rank} but this node has only "
+                             f"{torch.cuda.device_count()} CUDA device(s); lower --nproc_per_node")
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    elif device.type != "cpu":
+        raise ValueError(f"torchrun runs on CUDA (NCCL) or the CPU (gloo), not on {device.type}")
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    torch.distributed.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s),
+                                         **({"device_id": device} if device.type == "cuda" else {}))
+    return Distributed(rank, world_size, local_rank), device
+
+
+def close_distributed() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over processes; the gradient of a sum shared by all is the sum of their gradients."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        tensor = tensor.clone()
+        torch.distributed.all_reduce(tensor)
+        return tensor
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return _AllReduceSum.apply(grad)
+
+
+class CPUSyncBatchNorm(nn.BatchNorm2d):
+    """BatchNorm2d whose training statistics are those of the global batch over all processes.
+
+    `nn.SyncBatchNorm` runs on GPUs only; this is its CPU (gloo) counterpart, so that `--sync-bn`
+    works, and is tested, on the CPU. The statistics are summed with a differentiable all-reduce,
+    so gradients flow through the shared mean and variance as they do in nn.SyncBatchNorm."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
+            return super().forward(x)
+        all_reduce = _AllReduceSum.apply
+        dims = (0, 2, 3)
+        local = torch.cat([x.sum(dims), x.new_tensor([x.numel() / x.shape[1]])])
+        total = all_reduce(local)
+        n = total[-1]
+        mean = total[:-1] / n
+        centered = x - mean.view(1, -1, 1, 1)
+        var = all_reduce((centered * centered).sum(dims)) / n
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked += 1
+                m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                self.running_mean.lerp_(mean.detach(), m)
+                self.running_var.lerp_(var.detach() * n / (n - 1), m)  # unbiased, as BatchNorm2d keeps it
+        y = centered * torch.rsqrt(var + self.eps).view(1, -1, 1, 1)
+        return y * self.weight.view(1, -1, 1, 1) + self.bias.view(1, -1, 1, 1) if self.affine else y
+
+
+def convert_sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
+    """BatchNorm layers -> SyncBatchNorm (CUDA) or CPUSyncBatchNorm (CPU); state-dict keys are unchanged."""
+    if device.type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    for name, child in model.named_children():
+        if isinstance(child, nn.BatchNorm2d) and not isinstance(child, CPUSyncBatchNorm):
+            synced = CPUSyncBatchNorm(child.num_features, child.eps, child.momentum, child.affine,
+                                      child.track_running_stats)
+            synced.load_state_dict(child.state_dict())
+            setattr(model, name, synced)
+        else:
+            convert_sync_batchnorm(child, device)
+    return model
+
+
+def compile_model(model: nn.Module, device: torch.device) -> nn.Module:
+    """torch.compile where it can work; otherwise a one-line warning and the eager model."""
+    problem = None
+    if not torch._dynamo.is_dynamo_supported():
+        problem = "torch.compile is not supported on this Python/platform"
+    elif device.type == "cuda" and importlib.util.find_spec("triton") is None:
+        problem = "triton is not installed"
+    elif device.type == "cpu" and not (shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")):
+        problem = "no C++ compiler found"
+    elif device.type == "mps":
+        problem = "not used on MPS"
+    if problem:
+        print(f"warning: --compile: {problem}; running eager", file=sys.stderr)
+        return model
+    return torch.compile(model)

@@ -3,6 +3,8 @@
     python train.py                                   # ResNet9, SGD lr 0.01 momentum 0.9, batch 64, 100 epochs
     python train.py --data-dir /tmp/cifar10 --epochs 2 --subset 2000   # a quick look
     python train.py --resume model/last.pth           # continue a stopped run exactly where it stopped
+    python train.py --recipe fast                     # the same model on a schedule made for speed
+    torchrun --nproc_per_node=4 train.py              # data-parallel (DDP); --batch-size stays global
 
 After every epoch the model is evaluated on the selection split (a fixed, class-stratified
 hold-out of --val-size training images; the test set with --val-size 0, as the paper did). If its
@@ -13,8 +15,8 @@ numbers; loss_curve.png and accuracy_curve.png are drawn at the end.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -22,9 +24,9 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -33,137 +35,81 @@ from tqdm import tqdm
 
 import plots
 from checkpoint import CheckpointError, clean_state_dict, load_checkpoint, save_checkpoint, unwrap
-from data import DataError, TorchvisionLoader, default_workers, load_cifar10, make_eval_loader, split_train_val
+from config import TrainConfig, UsageError, fresh_config, lr_at, parse_args, resumed_config
+from data import (
+    DataError,
+    DeviceLoader,
+    TorchvisionLoader,
+    default_workers,
+    load_cifar10,
+    make_eval_loader,
+    split_train_val,
+)
 from evaluate import evaluate
-from model import ARCHITECTURES, build_model
-from runtime import Distributed, StopFlag, autocast, pick_device, rng_state, seed_everything, set_rng_state
+from model import build_model
+from runtime import (
+    Distributed,
+    StopFlag,
+    autocast,
+    close_distributed,
+    compile_model,
+    convert_sync_batchnorm,
+    init_distributed,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+)
 
 BEST_NAME = "learn_rate_consistent_model.pth"  # the paper's file name for the best model
 LAST_NAME = "last.pth"
 HISTORY_NAME = "history.json"
 EVAL_BATCH = 500  # images per evaluation batch: no gradients, so larger than the training batch
-CPU_EPOCH_MINUTES = 11  # measured: one epoch of 45,000 images on 2 CPU cores (README, "CPU")
-
-
-class UsageError(Exception):
-    """A flag or an output folder that cannot work; the message says what to do instead."""
+CPU_IMAGES_PER_SECOND = 60  # measured: paper recipe on 2 CPU cores (README, "CPU and GPU")
 
 
 class NonFiniteLoss(Exception):
     """The training loss became NaN or infinite."""
 
 
-# ----------------------------------------------------------------------------- config and CLI
-
-def _check(kind: Callable, ok: Callable[[object], bool], what: str) -> Callable[[str], object]:
-    """An argparse `type` that parses with `kind` and rejects values for which `ok` is false."""
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
-        if not ok(value):
-            raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
-        return value
-    parse.__name__ = what
-    return parse
-
-
-POSITIVE_INT = _check(int, lambda v: v > 0, "a positive integer")
-NONNEG_INT = _check(int, lambda v: v >= 0, "an integer >= 0")
-ANY_INT = _check(int, lambda v: True, "an integer")
-POSITIVE_FLOAT = _check(float, lambda v: math.isfinite(v) and v > 0, "a positive finite number")
-NONNEG_FLOAT = _check(float, lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
-MOMENTUM = _check(float, lambda v: 0 <= v < 1, "a momentum in [0, 1)")
-WORKERS = _check(lambda s: -1 if s == "auto" else int(s), lambda v: v >= 0 or v == -1, "'auto' or an integer >= 0")
-DEVICE = _check(str, lambda v: v in ("auto", "cpu", "mps") or v == "cuda" or
-                (v.startswith("cuda:") and v[5:].isdigit()), "auto, cpu, cuda, cuda:N or mps")
-
-
-def _field(default, help: str, type: Callable | None = None, **extra):
-    return field(default=default, metadata={"help": help, "type": type, **extra})
-
-
-@dataclass
-class TrainConfig:
-    """Every hyperparameter of a run; the defaults are the paper's recipe. Saved in every checkpoint."""
-
-    arch: str = _field("resnet9", "model architecture", str, choices=ARCHITECTURES)
-    num_classes: int = _field(10, "number of classes", POSITIVE_INT)
-    epochs: int = _field(100, "passes over the training images", POSITIVE_INT)
-    batch_size: int = _field(64, "images per optimizer step (summed over all processes)", POSITIVE_INT)
-    lr: float = _field(0.01, "SGD learning rate (constant)", POSITIVE_FLOAT)
-    momentum: float = _field(0.9, "SGD momentum", MOMENTUM)
-    weight_decay: float = _field(0.0, "L2 weight decay per step", NONNEG_FLOAT)
-    seed: int = _field(0, "seed of weights init, shuffling and augmentation", ANY_INT)
-    val_size: int = _field(5000, "training images held out to pick the best epoch; 0 picks on the "
-                           "test set as the paper did (optimistic)", NONNEG_INT)
-    subset: int = _field(0, "train on this many images only (0: all)", NONNEG_INT)
-    reload_best: bool = _field(True, "reload the best weights after an epoch that did not improve (the paper)")
-    amp: bool = _field(False, "bf16 autocast on CUDA (no effect elsewhere)")
-    channels_last: bool = _field(False, "channels-last memory format for weights and inputs")
-    data_dir: str = _field("data", "folder holding cifar-10-batches-py/ (downloaded there if absent)", str)
-    out: str = _field("model", "folder for checkpoints, history and plots", str)
-    device: str = _field("auto", "auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps", DEVICE)
-    workers: int = _field(-1, "DataLoader worker processes ('auto' = -1; 0 loads in the main process)", WORKERS)
-
-
-# Fields a resumed run may change: they say where it runs, not what it computes.
-RUN_ENVIRONMENT = {"data_dir", "out", "device", "workers", "epochs"}
-
-
-def get_args_parser() -> argparse.ArgumentParser:
-    """One flag per TrainConfig field (defaults left out, so explicit flags can be told apart)."""
-    p = argparse.ArgumentParser(description="Train ResNet9 on CIFAR-10 (defaults: the paper's recipe).",
-                                argument_default=argparse.SUPPRESS)
-    for f in dataclasses.fields(TrainConfig):
-        flag, meta = "--" + f.name.replace("_", "-"), f.metadata
-        help_text = f"{meta['help']} (default: {f.default})"
-        if isinstance(f.default, bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
-        else:
-            p.add_argument(flag, type=meta["type"], choices=meta.get("choices"), help=help_text)
-    p.add_argument("--resume", metavar="LAST_PTH", help="continue the run saved in this last.pth")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace another run's checkpoints in --out (default: refuse to start)")
-    return p
-
-
-def parse_args(argv: list[str] | None = None) -> tuple[dict, argparse.Namespace]:
-    """The explicitly given config fields, and the namespace (for --resume / --overwrite)."""
-    args = get_args_parser().parse_args(argv)
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
-    return {k: v for k, v in vars(args).items() if k in names}, args
-
-
 # ----------------------------------------------------------------------------- one epoch
 
-@torch.no_grad()
-def _show(bar: tqdm, sums: torch.Tensor) -> None:
-    loss_sum, correct, n = sums.tolist()  # the only host sync of the loop, every few dozen steps
+def _sync_point(sums: torch.Tensor, stop: StopFlag, dist: Distributed, bar: tqdm | None = None) -> bool:
+    """The loop's only host sync, every few dozen steps: check that the loss is finite, agree
+    across processes on stopping, and show loss and accuracy. Returns whether to stop."""
+    shared = dist.all_reduce_sum(torch.cat([sums, sums.new_tensor([float(stop.requested)])]))
+    loss_sum, correct, n, stop_votes = shared.tolist()
     if not math.isfinite(loss_sum):
         raise NonFiniteLoss
-    bar.set_postfix(loss=f"{loss_sum / max(n, 1):.4f}", acc=f"{100 * correct / max(n, 1):.2f}%")
+    if bar is not None:
+        bar.set_postfix(loss=f"{loss_sum / max(n, 1):.4f}", acc=f"{100 * correct / max(n, 1):.2f}%")
+    return stop_votes > 0
 
 
-def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, device: torch.device, *,
-                    amp: bool, channels_last: bool, stop: StopFlag, sums: torch.Tensor, start_step: int = 0,
-                    desc: str = "", show_progress: bool = True) -> int:
-    """Train over the loader's remaining steps, adding [loss sum, correct, images] into `sums`.
+def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, loss_fn: Callable, *,
+                    device: torch.device, amp: bool, channels_last: bool, stop: StopFlag, sums: torch.Tensor,
+                    start_step: int = 0, lr_for_step: Callable[[int], float] | None = None,
+                    dist: Distributed | None = None, desc: str = "") -> int:
+    """Train over the loader's remaining steps of this epoch, adding [loss sum, correct, images] of
+    this process into `sums` (on the device: no host sync per step).
 
-    Stops after the current step when `stop` is requested. Returns the step reached in the epoch."""
+    Stops after a step when a stop was requested (single process), or at the next sync point where
+    all processes agree (torchrun). Returns the step of the epoch reached."""
+    dist = dist or Distributed()
     model.train()
     step = start_step
-    bar = tqdm(total=loader.images_left, desc=desc, unit="img", unit_scale=True, leave=False,
-               dynamic_ncols=True, mininterval=1.0, disable=None if show_progress else True)
-    refresh = max(1, min(50, len(loader) // 10))
+    bar = tqdm(total=loader.images_left * dist.world_size, desc=desc, unit="img", unit_scale=True, leave=False,
+               dynamic_ncols=True, mininterval=1.0, disable=None if dist.is_main else True)
+    every = max(1, min(50, len(loader) // 10))
     for x, y in loader:
+        if lr_for_step is not None:
+            for group in optimizer.param_groups:
+                group["lr"] = lr_for_step(step)
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast(device, amp):
             logits = model(x)
-            loss = F.cross_entropy(logits, y)
+            loss = loss_fn(logits, y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -171,15 +117,14 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
         sums[1] += (logits.detach().argmax(1) == y).sum()
         sums[2] += len(y)
         step += 1
-        bar.update(len(y))
-        if step % refresh == 0:
-            _show(bar, sums)
-        if stop.requested:
+        bar.update(len(y) * dist.world_size)
+        stopping = stop.requested and not dist.enabled
+        if step % every == 0:
+            stopping = _sync_point(sums, stop, dist, bar)
+        if stopping:
             break
     bar.close()
-    loss_sum = sums[0].item()
-    if not math.isfinite(loss_sum):
-        raise NonFiniteLoss
+    _sync_point(sums, stop, dist)  # a last finiteness check, which every process reaches
     return step
 
 
@@ -199,6 +144,13 @@ class Progress:
     reloads: int = 0
     history: list = field(default_factory=list)
 
+    def check(self) -> None:
+        ints = (self.epoch, self.step, self.best_epoch, self.reloads)
+        numbers = (*self.partial, self.best_acc, self.partial_seconds) if isinstance(self.partial, list) else ()
+        if not (all(type(v) is int and v >= 0 for v in ints) and isinstance(self.history, list)
+                and len(numbers) == 5 and all(isinstance(v, (int, float)) for v in numbers)):
+            raise TypeError("its progress record is malformed")
+
 
 def _last_state(cfg: TrainConfig, progress: Progress, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
     return {"kind": "last", "config": dataclasses.asdict(cfg), "progress": dataclasses.asdict(progress),
@@ -207,9 +159,9 @@ def _last_state(cfg: TrainConfig, progress: Progress, model: nn.Module, optimize
 
 
 def _best_state(cfg: TrainConfig, progress: Progress, weights: dict, metrics: dict) -> dict:
-    return {"kind": "best", "config": dataclasses.asdict(cfg), "run_id": progress.run_id, "model": weights,
-            "epoch": progress.epoch, "metrics": metrics, "history": progress.history,
-            "torch_version": str(torch.__version__)}
+    return {"kind": "best", "config": dataclasses.asdict(cfg), "run_id": progress.run_id,
+            "model": {k: v.cpu() for k, v in weights.items()}, "epoch": progress.epoch, "metrics": metrics,
+            "history": progress.history, "torch_version": str(torch.__version__)}
 
 
 def _write_json(obj, path: Path) -> None:
@@ -240,19 +192,20 @@ def prepare_output(out: Path, *, resuming_run: str | None, overwrite: bool) -> N
                              "choose another --out, or pass --overwrite to replace it")
 
 
-def _check_progress(p: Progress) -> None:
-    ints = (p.epoch, p.step, p.best_epoch, p.reloads)
-    if not (all(type(v) is int and v >= 0 for v in ints) and isinstance(p.history, list)
-            and isinstance(p.partial, list) and len(p.partial) == 3
-            and all(isinstance(v, (int, float)) for v in (*p.partial, p.best_acc, p.partial_seconds))):
-        raise TypeError("its progress record is malformed")
+def load_resume(path: str) -> dict:
+    """Load a last.pth for --resume, or say why it cannot be resumed from."""
+    ckpt = load_checkpoint(path)
+    if ckpt.get("kind") != "last" or not isinstance(ckpt.get("progress"), dict):
+        raise CheckpointError(f"{path}: not a last.pth (it holds no run progress); --resume takes the "
+                              "last.pth that a run writes every epoch")
+    return ckpt
 
 
 def restore(ckpt: dict, path: str, model: nn.Module, optimizer: torch.optim.Optimizer) -> Progress:
-    """Load a last.pth into the model and optimizer (and the RNGs); return the run's progress."""
+    """Load a last.pth's state into the model, the optimizer and the RNGs; return the run's progress."""
     try:
         progress = Progress(**ckpt["progress"])
-        _check_progress(progress)
+        progress.check()
         unwrap(model).load_state_dict(clean_state_dict(ckpt["model"]))
         optimizer.load_state_dict(ckpt["optimizer"])
         set_rng_state(ckpt["rng"])
@@ -262,52 +215,28 @@ def restore(ckpt: dict, path: str, model: nn.Module, optimizer: torch.optim.Opti
     return progress
 
 
-def resolve_config(given: dict, resume: str | None) -> tuple[TrainConfig, dict | None]:
-    """The run's config (and the checkpoint to resume, if any): the flags given, or on --resume the
-    checkpoint's config, where only the run-environment flags may differ."""
-    if not resume:
-        return TrainConfig(**given), None
-    ckpt = load_checkpoint(resume)
-    if ckpt.get("kind") != "last" or not isinstance(ckpt.get("progress"), dict):
-        raise CheckpointError(f"{resume}: not a last.pth (it holds no run progress); --resume takes the "
-                              "last.pth that a run writes every epoch")
-    saved = ckpt["config"]
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
-    if not set(saved) <= names:
-        raise CheckpointError(f"{resume}: its config has fields this train.py does not know: "
-                              f"{', '.join(sorted(map(str, set(saved) - names)))}")
-    for key, value in given.items():
-        if key not in RUN_ENVIRONMENT and value != saved.get(key):
-            raise UsageError(f"--{key.replace('_', '-')} {value} differs from the resumed run's {saved.get(key)}; "
-                             "a resumed run keeps its recipe (only --epochs and where it runs may change)")
-    try:
-        return TrainConfig(**{**saved, **given}), ckpt
-    except TypeError as e:
-        raise CheckpointError(f"{resume}: its config is unusable ({e})") from None
+def load_best_weights(out: Path, progress: Progress, device: torch.device) -> dict:
+    """The resumed run's best weights, from its best checkpoint (checked to be that run's)."""
+    best = load_checkpoint(out / BEST_NAME)
+    if best.get("run_id") != progress.run_id or best.get("epoch") != progress.best_epoch:
+        raise CheckpointError(f"{out / BEST_NAME}: not the best checkpoint of the run being resumed "
+                              f"(expected epoch {progress.best_epoch} of run {progress.run_id})")
+    return {k: v.to(device) for k, v in clean_state_dict(best["model"]).items()}
+
+
+def platform_defaults(cfg: TrainConfig, device: torch.device) -> TrainConfig:
+    """Fill the settings left to the platform (None) with what measured faster there (README)."""
+    return dataclasses.replace(
+        cfg,
+        amp=device.type == "cuda" if cfg.amp is None else cfg.amp,
+        channels_last=True if cfg.channels_last is None else cfg.channels_last,
+    )
 
 
 # ----------------------------------------------------------------------------- the run
 
-def fit(cfg: TrainConfig, *, resume: str | None = None, resume_ckpt: dict | None = None, overwrite: bool = False,
-        dist: Distributed | None = None) -> int:
-    dist = dist or Distributed()
-    device = pick_device(cfg.device)
-    if cfg.batch_size % dist.world_size:
-        raise UsageError(f"--batch-size {cfg.batch_size} is the global batch and must divide evenly "
-                         f"over {dist.world_size} processes")
-    out = Path(cfg.out)
-    seed_everything(cfg.seed)
-    model = build_model(cfg.arch, cfg.num_classes).to(device)
-    if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                                weight_decay=cfg.weight_decay)
-    progress = Progress()
-    if resume_ckpt is not None:
-        progress = restore(resume_ckpt, resume, model, optimizer)
-    if dist.is_main:
-        prepare_output(out, resuming_run=progress.run_id if resume_ckpt else None, overwrite=overwrite)
-
+def build_loaders(cfg: TrainConfig, device: torch.device, dist: Distributed):
+    """The training loader and the selection-split loader, and what the selection split is."""
     data = load_cifar10(cfg.data_dir)
     train_idx, val_idx = split_train_val(data.train_labels, cfg.val_size, cfg.subset)
     if cfg.val_size:
@@ -315,59 +244,111 @@ def fit(cfg: TrainConfig, *, resume: str | None = None, resume_ckpt: dict | None
     else:
         sel_images, sel_labels, sel_name = data.test_images, data.test_labels, "test"
     workers = default_workers(device) if cfg.workers == -1 else cfg.workers
-    loader = TorchvisionLoader(data.train_images[train_idx], data.train_labels[train_idx],
-                               cfg.batch_size // dist.world_size, seed=cfg.seed, workers=workers,
-                               device=device, rank=dist.rank, world_size=dist.world_size)
+    on_device = cfg.loader == "device"
+    common = {"seed": cfg.seed, "device": device, "rank": dist.rank, "world_size": dist.world_size,
+              "rotation": cfg.rotation}
+    images, labels, local_batch = data.train_images[train_idx], data.train_labels[train_idx], \
+        cfg.batch_size // dist.world_size
+    loader = (DeviceLoader(images, labels, local_batch, **common) if on_device
+              else TorchvisionLoader(images, labels, local_batch, workers=workers, **common))
     sel_loader = make_eval_loader(sel_images, sel_labels, EVAL_BATCH, workers=workers, device=device,
-                                  rank=dist.rank, world_size=dist.world_size)
+                                  rank=dist.rank, world_size=dist.world_size, on_device=on_device)
+    summary = (f"training {cfg.arch} on {len(train_idx)} images, selecting on {len(sel_labels)} {sel_name} images"
+               f"{' (the paper protocol: optimistic)' if not cfg.val_size else ''}; {cfg.loader} loader"
+               f"{'' if on_device else f' with {workers} worker(s)'}")
+    return loader, sel_loader, sel_name, summary
 
+
+def fit(cfg: TrainConfig, *, resume: str | None = None, resume_ckpt: dict | None = None, overwrite: bool = False,
+        dist: Distributed | None = None, device: torch.device) -> int:
+    dist = dist or Distributed()
+    if cfg.batch_size % dist.world_size:
+        raise UsageError(f"--batch-size {cfg.batch_size} is the global batch and must divide evenly "
+                         f"over {dist.world_size} processes")
+    cfg = platform_defaults(cfg, device)
+    out = Path(cfg.out)
+    seed_everything(cfg.seed)
+    model = build_model(cfg.arch, cfg.num_classes).to(device)
+    if cfg.sync_bn and dist.enabled:
+        model = convert_sync_batchnorm(model, device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                                weight_decay=cfg.weight_decay, fused=device.type in ("cuda", "cpu"))
+    progress = restore(resume_ckpt, resume, model, optimizer) if resume_ckpt is not None else Progress()
+    error = None
+    if dist.is_main:
+        try:
+            prepare_output(out, resuming_run=progress.run_id if resume_ckpt else None, overwrite=overwrite)
+        except UsageError as e:
+            error = str(e)
+    error = dist.first_error(error)
+    if error:
+        raise UsageError(error)
+
+    loader, sel_loader, sel_name, summary = build_loaders(cfg, device, dist)
     best_weights = None
     if resume_ckpt and cfg.reload_best and progress.best_epoch:
-        best = load_checkpoint(out / BEST_NAME)
-        if best.get("run_id") != progress.run_id or best.get("epoch") != progress.best_epoch:
-            raise CheckpointError(f"{out / BEST_NAME}: not the best checkpoint of the run being resumed "
-                                  f"(expected epoch {progress.best_epoch} of run {progress.run_id})")
-        best_weights = {k: v.to(device) for k, v in clean_state_dict(best["model"]).items()}
+        best_weights = load_best_weights(out, progress, device)
+    if cfg.compile:
+        model = compile_model(model, device)
+    if dist.enabled:
+        # BatchNorm statistics are shared once per epoch (broadcast_buffers below), not at every step.
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
+                                                    else None, forward_sync_buffers=False)
+    loss_fn = functools.partial(F.cross_entropy, label_smoothing=cfg.label_smoothing)
+    eval_model = model.module if dist.enabled else model  # no DDP hooks where there is no backward
+    steps = loader.steps_per_epoch
+
+    def lr_schedule(epoch: int) -> Callable[[int], float] | None:
+        if cfg.schedule == "constant":
+            return None
+        return lambda step: lr_at(cfg, (epoch - 1) * steps + step, steps)
 
     say = print if dist.is_main else (lambda *a, **k: None)
-    say(f"training {cfg.arch} on {len(train_idx)} images, selecting on {len(sel_labels)} {sel_name} images"
-        f"{' (the paper protocol: optimistic)' if not cfg.val_size else ''}; device {device}, "
-        f"{dist.world_size} process(es), {workers} worker(s); run {progress.run_id}")
+    say(f"{summary}; device {device}, {dist.world_size} process(es); amp {cfg.amp}, channels_last "
+        f"{cfg.channels_last}, compile {cfg.compile}; run {progress.run_id}"
+        f"{f', resumed after epoch {progress.epoch} step {progress.step}' if resume_ckpt else ''}")
     if device.type == "cpu":
-        say(f"note: no GPU in use; on 2 CPU cores one epoch of 45,000 images takes about {CPU_EPOCH_MINUTES} min "
-            f"(the paper's 100 epochs about {CPU_EPOCH_MINUTES * 100 / 60:.0f} h)")
+        minutes = loader.images_left * dist.world_size / CPU_IMAGES_PER_SECOND / 60
+        total = minutes * cfg.epochs
+        say(f"note: no GPU in use; on 2 CPU cores an epoch of this run takes about {minutes:.1f} min, "
+            f"{cfg.epochs} epochs about {f'{total:.0f} min' if total < 90 else f'{total / 60:.1f} h'}")
 
     with StopFlag() as stop:
         while progress.epoch < cfg.epochs:
             epoch = progress.epoch + 1
             loader.set_epoch(epoch, progress.step)
-            sums = torch.tensor(progress.partial, device=device)
+            # Under torchrun each process adds its own sums; the resumed partial sums count once.
+            sums = torch.tensor(progress.partial if dist.is_main else [0.0] * 3, device=device)
             start = time.perf_counter()
             try:
-                step = train_one_epoch(model, loader, optimizer, device, amp=cfg.amp,
+                step = train_one_epoch(model, loader, optimizer, loss_fn, device=device, amp=cfg.amp,
                                        channels_last=cfg.channels_last, stop=stop, sums=sums,
-                                       start_step=progress.step, desc=f"epoch {epoch}/{cfg.epochs}",
-                                       show_progress=dist.is_main)
+                                       start_step=progress.step, dist=dist, desc=f"epoch {epoch}/{cfg.epochs}",
+                                       lr_for_step=lr_schedule(epoch))
             except NonFiniteLoss:
                 raise NonFiniteLoss(f"the training loss became non-finite in epoch {epoch}; stopped. "
                                     f"{out / LAST_NAME} still holds the state after epoch {progress.epoch}; "
                                     "try a lower --lr") from None
-            seconds = progress.partial_seconds + time.perf_counter() - start
+            train_seconds = progress.partial_seconds + time.perf_counter() - start
+            totals = dist.all_reduce_sum(sums.clone())
             if step < loader.steps_per_epoch:  # stopped by a signal in the middle of the epoch
-                progress.step, progress.partial, progress.partial_seconds = step, sums.tolist(), seconds
+                progress.step, progress.partial, progress.partial_seconds = step, totals.tolist(), train_seconds
                 if dist.is_main:
                     save_checkpoint(_last_state(cfg, progress, model, optimizer), out / LAST_NAME)
                 say(f"stopped by signal {stop.signal} in epoch {epoch} at step {step}/{loader.steps_per_epoch}; "
                     f"saved {out / LAST_NAME}; continue with: python train.py --resume {out / LAST_NAME}")
-                return 128 + stop.signal
+                return 128 + (stop.signal or 2)
 
-            loss_sum, correct, n = dist.all_reduce_sum(sums).tolist()
-            val = evaluate(model, sel_loader, device, amp=cfg.amp, channels_last=cfg.channels_last,
+            loss_sum, correct, n = totals.tolist()
+            dist.broadcast_buffers(unwrap(model))
+            val = evaluate(eval_model, sel_loader, device, amp=cfg.amp, channels_last=cfg.channels_last, tta=cfg.tta,
                            reduce=dist.all_reduce_sum)
             seconds = progress.partial_seconds + time.perf_counter() - start
             improved = val["acc"] > progress.best_acc
             reloaded = False
-            progress.epoch, progress.step, progress.partial, progress.partial_seconds = epoch, 0, [0.0, 0.0, 0.0], 0.0
+            progress.epoch, progress.step, progress.partial, progress.partial_seconds = epoch, 0, [0.0] * 3, 0.0
             if improved:
                 progress.best_acc, progress.best_epoch = val["acc"], epoch
                 best_weights = {k: v.detach().clone() for k, v in clean_state_dict(unwrap(model).state_dict()).items()}
@@ -377,17 +358,18 @@ def fit(cfg: TrainConfig, *, resume: str | None = None, resume_ckpt: dict | None
                 reloaded = True
             row = {"epoch": epoch, "train_loss": loss_sum / n, "train_acc": 100 * correct / n,
                    "val_loss": val["loss"], "val_acc": val["acc"], "lr": optimizer.param_groups[0]["lr"],
-                   "seconds": round(seconds, 2), "improved": improved, "reloaded": reloaded}
+                   "seconds": round(seconds, 2), "train_seconds": round(train_seconds, 2),
+                   "improved": improved, "reloaded": reloaded}
             progress.history.append(row)
             if dist.is_main:
                 if improved:
-                    save_checkpoint(_best_state(cfg, progress, {k: v.cpu() for k, v in best_weights.items()},
-                                                row), out / BEST_NAME)
+                    save_checkpoint(_best_state(cfg, progress, best_weights, row), out / BEST_NAME)
                 save_checkpoint(_last_state(cfg, progress, model, optimizer), out / LAST_NAME)
                 _write_json(progress.history, out / HISTORY_NAME)
+            note = "best" if improved else "reloaded best" if reloaded else ""
             say(f"epoch {epoch:>3}/{cfg.epochs} | train loss {row['train_loss']:.4f} acc {row['train_acc']:6.2f}% | "
                 f"{sel_name} loss {row['val_loss']:.4f} acc {row['val_acc']:6.2f}% | lr {row['lr']:.4f} | "
-                f"{seconds:6.1f}s | {'best' if improved else 'reloaded best' if reloaded else ''}")
+                f"{seconds:6.1f}s ({train_seconds:.1f}s training) | {note}")
             if stop.requested:
                 say(f"stopped by signal {stop.signal} after epoch {epoch}; continue with: "
                     f"python train.py --resume {out / LAST_NAME}")
@@ -407,18 +389,31 @@ def fit(cfg: TrainConfig, *, resume: str | None = None, resume_ckpt: dict | None
 def main(argv: list[str] | None = None) -> int:
     given, args = parse_args(argv)
     resume = getattr(args, "resume", None)
+    dist = None
     try:
-        cfg, resume_ckpt = resolve_config(given, resume)
-        return fit(cfg, resume=resume, resume_ckpt=resume_ckpt, overwrite=getattr(args, "overwrite", False))
+        resume_ckpt = load_resume(resume) if resume else None
+        cfg = resumed_config(given, resume_ckpt["config"], resume) if resume_ckpt else fresh_config(given)
+        dist, device = init_distributed(cfg.device, cfg.dist_timeout)
+        return fit(cfg, resume=resume, resume_ckpt=resume_ckpt, overwrite=getattr(args, "overwrite", False),
+                   dist=dist, device=device)
     except (UsageError, DataError, CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except NonFiniteLoss as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except RuntimeError as e:
+        if not (dist and dist.enabled):
+            raise
+        # A collective that timed out or lost its peers: say so in one line and end this process.
+        print(f"error: process {dist.rank}: lost contact with the other processes (one died or hung for "
+              f"--dist-timeout {cfg.dist_timeout:g} s): {' '.join(str(e).split())[:200]}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted twice: stopped at once; the last checkpoint written stays", file=sys.stderr)
         return 130
+    finally:
+        close_distributed()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,161 @@
+"""A run's configuration: one dataclass, its recipes, and the command line generated from it.
+
+`TrainConfig`'s defaults are the paper's recipe; `--recipe fast` swaps in a schedule made for
+speed. Every field is a flag; every checkpoint carries the config as a plain dict.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from model import ARCHITECTURES
+
+
+class UsageError(Exception):
+    """A flag or an output folder that cannot work; the message says what to do instead."""
+
+
+def _check(kind: Callable, ok: Callable[[object], bool], what: str) -> Callable[[str], object]:
+    """An argparse `type` that parses with `kind` and rejects values for which `ok` is false."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
+        return value
+    parse.__name__ = what
+    return parse
+
+
+POSITIVE_INT = _check(int, lambda v: v > 0, "a positive integer")
+NONNEG_INT = _check(int, lambda v: v >= 0, "an integer >= 0")
+ANY_INT = _check(int, lambda v: True, "an integer")
+POSITIVE_FLOAT = _check(float, lambda v: math.isfinite(v) and v > 0, "a positive finite number")
+NONNEG_FLOAT = _check(float, lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
+FRACTION = _check(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
+DEGREES = _check(float, lambda v: 0 <= v <= 180, "an angle in [0, 180] degrees")
+WORKERS = _check(lambda s: -1 if s == "auto" else int(s), lambda v: v >= 0 or v == -1, "'auto' or an integer >= 0")
+DEVICE = _check(str, lambda v: v in ("auto", "cpu", "mps", "cuda") or (v.startswith("cuda:") and v[5:].isdigit()),
+                "auto, cpu, cuda, cuda:N or mps")
+SECONDS = _check(float, lambda v: math.isfinite(v) and v > 0, "a positive number of seconds")
+
+
+def _field(default, help: str, type: Callable | None = None, **extra):
+    return field(default=default, metadata={"help": help, "type": type, **extra})
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a run; the defaults are the paper's recipe. `None` means: chosen per platform."""
+
+    recipe: str = _field("paper", "paper: the paper's recipe; fast: a schedule made for speed (see README)",
+                         str, choices=("paper", "fast"))
+    arch: str = _field("resnet9", "model architecture", str, choices=ARCHITECTURES)
+    num_classes: int = _field(10, "number of classes", POSITIVE_INT)
+    epochs: int = _field(100, "passes over the training images", POSITIVE_INT)
+    batch_size: int = _field(64, "images per optimizer step, summed over all processes", POSITIVE_INT)
+    lr: float = _field(0.01, "SGD learning rate (the peak, under a schedule)", POSITIVE_FLOAT)
+    schedule: str = _field("constant", "learning rate over the run: constant, or linear warm-up then linear "
+                           "decay to 0", str, choices=("constant", "linear"))
+    warmup_epochs: float = _field(0.0, "epochs of linear warm-up (schedule linear)", NONNEG_FLOAT)
+    momentum: float = _field(0.9, "SGD momentum", FRACTION)
+    nesterov: bool = _field(False, "Nesterov momentum")
+    weight_decay: float = _field(0.0, "L2 weight decay", NONNEG_FLOAT)
+    label_smoothing: float = _field(0.0, "label smoothing of the cross-entropy", FRACTION)
+    rotation: float = _field(10.0, "random rotation range, +- degrees (0: none)", DEGREES)
+    tta: bool = _field(False, "evaluate with horizontal-flip test-time augmentation")
+    seed: int = _field(0, "seed of the initial weights, the shuffling and the augmentation", ANY_INT)
+    val_size: int = _field(5000, "training images held out to pick the best epoch; 0 picks on the test set "
+                           "as the paper did (optimistic)", NONNEG_INT)
+    subset: int = _field(0, "train on this many images only (0: all)", NONNEG_INT)
+    reload_best: bool = _field(True, "reload the best weights after an epoch that did not improve (the paper)")
+    loader: str = _field("device", "device: data held and augmented on the training device; torchvision: "
+                         "the paper's PIL pipeline in DataLoader workers", str, choices=("device", "torchvision"))
+    amp: bool | None = _field(None, "bf16 autocast (CUDA only; default: on with CUDA)")
+    channels_last: bool | None = _field(None, "channels-last memory format (default: on)")
+    compile: bool = _field(False, "torch.compile the model (falls back to eager with a warning where unavailable)")
+    sync_bn: bool = _field(False, "SyncBatchNorm across processes under torchrun")
+    data_dir: str = _field("data", "folder holding cifar-10-batches-py/ (downloaded there if absent)", str)
+    out: str = _field("model", "folder for checkpoints, history and plots", str)
+    device: str = _field("auto", "auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps", DEVICE)
+    workers: int = _field(-1, "DataLoader worker processes of the torchvision loader (auto; 0: in the main "
+                          "process)", WORKERS)
+    dist_timeout: float = _field(600.0, "seconds a process waits for the others before the job fails", SECONDS)
+
+
+# `--recipe fast`: the same ResNet9 with a schedule made for speed: large batches, linear warm-up
+# and decay, Nesterov momentum, weight decay, label smoothing, crop-and-flip augmentation and flip
+# test-time augmentation; the last epoch is kept rather than reloading the best.
+RECIPES: dict[str, dict] = {
+    "paper": {},
+    "fast": {"epochs": 20, "batch_size": 512, "lr": 0.4, "schedule": "linear", "warmup_epochs": 4.0,
+             "nesterov": True, "weight_decay": 5e-4, "label_smoothing": 0.1, "rotation": 0.0, "tta": True,
+             "reload_best": False},
+}
+
+# Fields a resumed run may change: where and how fast it runs, and how long; not what it computes.
+RUN_ENVIRONMENT = {"epochs", "data_dir", "out", "device", "workers", "amp", "channels_last", "compile",
+                   "dist_timeout"}
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    """One flag per TrainConfig field. Defaults are left out of the namespace, so that the flags a
+    user gave can be told apart (they override a recipe, and are checked against a resumed run)."""
+    p = argparse.ArgumentParser(description="Train ResNet9 on CIFAR-10 (defaults: the paper's recipe).",
+                                argument_default=argparse.SUPPRESS)
+    for f in dataclasses.fields(TrainConfig):
+        flag, meta = "--" + f.name.replace("_", "-"), f.metadata
+        default = "auto" if f.default is None else f.default
+        help_text = f"{meta['help']} (default: {default})"
+        if f.metadata["type"] is None:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
+        else:
+            p.add_argument(flag, type=meta["type"], choices=meta.get("choices"), help=help_text)
+    p.add_argument("--resume", metavar="LAST_PTH", help="continue the run saved in this last.pth")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace another run's checkpoints in --out (default: refuse to start)")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[dict, argparse.Namespace]:
+    """The config fields given on the command line, and the whole namespace."""
+    args = get_args_parser().parse_args(argv)
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    return {k: v for k, v in vars(args).items() if k in names}, args
+
+
+def fresh_config(given: dict) -> TrainConfig:
+    """A new run's config: the recipe's values, overridden by the flags given."""
+    return TrainConfig(**{**RECIPES[given.get("recipe", "paper")], **given})
+
+
+def resumed_config(given: dict, saved: dict, source: str) -> TrainConfig:
+    """A resumed run's config: the saved one; only run-environment flags may differ from it."""
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = set(saved) - names
+    if unknown:
+        raise UsageError(f"{source}: its config has fields this version does not know: {', '.join(sorted(unknown))}")
+    for key, value in given.items():
+        if key not in RUN_ENVIRONMENT and value != saved.get(key):
+            raise UsageError(f"--{key.replace('_', '-')} {value} differs from the resumed run's {saved.get(key)}; "
+                             "a resumed run keeps its recipe (only --epochs and where and how fast it runs may change)")
+    try:
+        return TrainConfig(**{**saved, **given})
+    except TypeError as e:
+        raise UsageError(f"{source}: its config is unusable ({e})") from None
+
+
+def lr_at(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
+    """The learning rate for optimizer step `step` (0-based, counted over the whole run)."""
+    if cfg.schedule == "constant":
+        return cfg.lr
+    total = cfg.epochs * steps_per_epoch
+    warmup = cfg.warmup_epochs * steps_per_epoch
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    return cfg.lr * max(0.0, (total - step) / max(1.0, total - warmup))

@@ -1,0 +1,118 @@
+"""Data-parallel training under torchrun (gloo on the CPU): equivalence, outputs, resume, failures."""
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import evaluate
+import train
+from checkpoint import load_checkpoint
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def torchrun(*args: str, nproc: int = 2, timeout: float = 240) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           str(ROOT / "train.py"), "--device", "cpu", *args]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def tiny(data_dir, out, *extra):
+    return ["--data-dir", str(data_dir), "--out", str(out), "--val-size", "20", *extra]
+
+
+def test_two_processes_take_the_same_first_step_as_one(tiny_cifar, tmp_path):
+    """Global batch 32 split over 2 processes (16 each, SyncBatchNorm) = one process at batch 32:
+    one epoch of 32 images is exactly one optimizer step."""
+    flags = ("--epochs", "1", "--subset", "32", "--batch-size", "32", "--sync-bn")
+    assert train.main(tiny(tiny_cifar, tmp_path / "one", *flags)) == 0
+    result = torchrun(*tiny(tiny_cifar, tmp_path / "two", *flags))
+    assert result.returncode == 0, result.stderr[-2000:]
+    one, two = (load_checkpoint(tmp_path / name / train.LAST_NAME) for name in ("one", "two"))
+    loss_one, loss_two = (c["progress"]["history"][0]["train_loss"] for c in (one, two))
+    assert abs(loss_one - loss_two) < 1e-5 * loss_one
+    for key, value in one["model"].items():
+        torch.testing.assert_close(two["model"][key], value, rtol=1e-4, atol=1e-4, msg=key)
+    assert not torch.equal(one["model"]["conv1.weight"], load_checkpoint(
+        tmp_path / "one" / train.BEST_NAME)["model"]["conv1.weight"] * 0)  # the weights did move
+    # ... and a single-process checkpoint resumes under torchrun.
+    result = torchrun("--resume", str(tmp_path / "one" / train.LAST_NAME), "--epochs", "2")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert [h["epoch"] for h in load_checkpoint(tmp_path / "one" / train.LAST_NAME)["progress"]["history"]] == [1, 2]
+
+
+def test_two_process_run_writes_one_set_of_outputs_and_resumes(tiny_cifar, tmp_path, capsys):
+    out = tmp_path / "ddp"
+    result = torchrun(*tiny(tiny_cifar, out, "--epochs", "1"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.count("epoch   1/1 |") == 1 and result.stdout.count("done:") == 1  # rank 0 alone prints
+    assert "2 process(es)" in result.stdout
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [train.BEST_NAME, train.LAST_NAME, train.HISTORY_NAME, "loss_curve.png", "accuracy_curve.png"])
+    best = load_checkpoint(out / train.BEST_NAME)
+    assert not any(k.startswith("module.") for k in best["model"])
+
+    result = torchrun("--resume", str(out / train.LAST_NAME), "--epochs", "2")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "resumed after epoch 1 step 0" in result.stdout and "epoch   2/2 |" in result.stdout
+    assert "epoch   1/2 |" not in result.stdout
+    assert [h["epoch"] for h in load_checkpoint(out / train.LAST_NAME)["progress"]["history"]] == [1, 2]
+    # a DDP checkpoint loads in a single-process evaluate.py
+    assert evaluate.main([str(out / train.BEST_NAME), "--data-dir", str(tiny_cifar),
+                          "--out-dir", str(tmp_path / "eval")]) == 0
+    assert "top-1 accuracy" in capsys.readouterr().out
+
+
+def test_uneven_global_batch_is_refused(tiny_cifar, tmp_path):
+    result = torchrun(*tiny(tiny_cifar, tmp_path, "--epochs", "1", "--batch-size", "33"))
+    assert result.returncode != 0
+    assert "--batch-size 33 is the global batch and must divide evenly over 2 processes" in result.stderr
+
+
+def _rank_pid(parent: int, rank: int) -> int | None:
+    for child in Path(f"/proc/{parent}/task").glob("*/children"):
+        for pid in child.read_text().split():
+            try:
+                env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if f"RANK={rank}".encode() in env:
+                return int(pid)
+    return None
+
+
+def test_a_hung_process_ends_the_job_with_a_clear_error(tiny_cifar, tmp_path):
+    """Freeze rank 1 (SIGSTOP) after the first epoch: rank 0's next collective times out after
+    --dist-timeout seconds, and rank 0 exits with one clear line (torchrun then ends the job)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / "train.py"), "--device", "cpu", *tiny(tiny_cifar, tmp_path, "--epochs", "50"),
+           "--dist-timeout", "5"]
+    log = tmp_path / "log.txt"
+    with open(log, "w") as sink:
+        job = subprocess.Popen(cmd, cwd=ROOT, stdout=sink, stderr=subprocess.STDOUT, text=True)
+    frozen = None
+    try:
+        deadline = time.monotonic() + 120
+        while "epoch   1/50" not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        frozen, rank0 = _rank_pid(job.pid, 1), _rank_pid(job.pid, 0)
+        assert frozen and rank0, "ranks not found"
+        os.kill(frozen, signal.SIGSTOP)
+        start = time.monotonic()
+        while Path(f"/proc/{rank0}").exists() and time.monotonic() - start < 60:
+            time.sleep(0.5)
+        assert time.monotonic() - start < 60, "rank 0 did not give up on the frozen rank"
+        assert "error: process 0: lost contact with the other processes" in log.read_text()
+    finally:
+        if frozen:
+            for sig in (signal.SIGCONT, signal.SIGKILL):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(frozen, sig)
+        job.kill()
+        job.wait()
+    assert (tmp_path / train.LAST_NAME).is_file()  # the last epoch's checkpoint stays

@@ -1,0 +1,106 @@
+"""evaluate.py end to end, and every kind of bad checkpoint it may be handed."""
+import json
+import pickle
+import zipfile
+
+import pytest
+import torch
+
+import evaluate
+import train
+from model import BasicBlock, ResNet
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def test_evaluate_end_to_end(trained_run, tiny_cifar, tmp_path, capsys):
+    out = tmp_path / "eval"
+    ckpt = trained_run / train.BEST_NAME
+    assert evaluate.main([str(ckpt), "--data-dir", str(tiny_cifar), "--out-dir", str(out)]) == 0
+    text = capsys.readouterr().out
+    report = json.loads((out / "report.json").read_text())
+    assert report["n"] == 50 and 0 <= report["accuracy"] <= 100 and report["loss"] > 0
+    assert f"top-1 accuracy {report['accuracy']:.2f}%" in text and "airplane" in text
+    assert set(report["per_class_accuracy"]) == set(evaluate.CLASSES)
+    cm = torch.tensor(report["confusion_matrix"])
+    assert cm.shape == (10, 10) and cm.sum() == 50 and (cm.sum(1) == 5).all()
+    assert abs(cm.diag().sum().item() / 50 * 100 - report["accuracy"]) < 1e-6
+    for name in ("confusion_matrix.png", "per_class_accuracy.png", "loss_curve.png", "accuracy_curve.png"):
+        assert (out / name).read_bytes()[:8] == PNG
+        assert str(out / name) in text
+
+
+def test_classification_report_counts():
+    logits = torch.tensor([[5.0, 0, 0], [0, 5.0, 0], [5.0, 0, 0], [0, 0, 5.0]])
+    labels = torch.tensor([0, 1, 1, 2])
+    r = evaluate.classification_report(logits, labels, ("a", "b", "c"))
+    assert r["accuracy"] == 75.0 and r["per_class_accuracy"] == {"a": 100.0, "b": 50.0, "c": 100.0}
+    assert r["confusion_matrix"] == [[1, 0, 0], [1, 1, 0], [0, 0, 1]]
+
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _bad_checkpoints(trained_run, tmp_path):
+    good = (trained_run / train.BEST_NAME).read_bytes()
+    marker = tmp_path / "code_ran"
+    other = ResNet(BasicBlock, [2, 2, 2, 2])
+    cases = {
+        "missing": (None, "no such file"),
+        "directory": ("dir", "not a file"),
+        "random_bytes": (b"\x00\x01 certainly not a checkpoint" * 50, "not a readable checkpoint"),
+        "json": (b'{"model": {}}', "not a readable checkpoint"),
+        "truncated": (good[: len(good) // 3], "not a readable checkpoint"),
+        "plain_tensor": ("tensor", "not a checkpoint of this project"),
+        "other_architecture": ({"model": other.state_dict(), "config": {"arch": "resnet9"}},
+                               "holds a different architecture"),
+        "unknown_arch": ({"model": {}, "config": {"arch": "vgg"}}, "unknown architecture"),
+        "code_payload": ({"model": {}, "config": _Payload(marker)}, "refused"),
+        "raw_pickle_payload": (pickle.dumps(_Payload(marker), protocol=2), "refused"),
+        "raw_pickle_protocol_4": (pickle.dumps(_Payload(marker), protocol=4), "not a readable checkpoint"),
+    }
+    paths = {}
+    for name, (content, message) in cases.items():
+        path = tmp_path / f"{name}.pth"
+        if content == "dir":
+            path.mkdir()
+        elif content == "tensor":
+            torch.save(torch.zeros(3), path)
+        elif isinstance(content, bytes):
+            path.write_bytes(content)
+        elif content is not None:
+            torch.save(content, path)
+        paths[name] = (path, message)
+    return paths, marker
+
+
+def test_bad_checkpoints_give_one_clear_error_and_run_nothing(trained_run, tiny_cifar, tmp_path, capsys):
+    paths, marker = _bad_checkpoints(trained_run, tmp_path)
+    for name, (path, message) in paths.items():
+        code = evaluate.main([str(path), "--data-dir", str(tiny_cifar), "--out-dir", str(tmp_path / "o")])
+        err = capsys.readouterr().err
+        assert code == 2, name
+        assert err.startswith(f"error: {path}") and message in err and err.count("\n") == 1, (name, err)
+    assert not marker.exists()
+    assert zipfile.is_zipfile(trained_run / train.BEST_NAME)  # untouched
+
+
+def test_bad_batch_size_is_rejected(trained_run, capsys):
+    assert evaluate.main([str(trained_run / train.BEST_NAME), "--batch-size", "0"]) == 2
+    assert "--batch-size must be at least 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("prefix", ["module.", "_orig_mod.", "module._orig_mod."])
+def test_wrapped_state_dict_keys_load(trained_run, tmp_path, prefix):
+    from checkpoint import load_checkpoint, model_from_checkpoint
+    ckpt = load_checkpoint(trained_run / train.BEST_NAME)
+    ckpt["model"] = {prefix + k: v for k, v in ckpt["model"].items()}
+    torch.save(ckpt, tmp_path / "wrapped.pth")
+    model = model_from_checkpoint(load_checkpoint(tmp_path / "wrapped.pth"))
+    assert torch.equal(model.conv1.weight, load_checkpoint(trained_run / train.BEST_NAME)["model"]["conv1.weight"])

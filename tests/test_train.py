@@ -1,0 +1,206 @@
+"""The training loop and its CLI: outputs, best-weights reload, exact resume, bad input."""
+import json
+import os
+import signal
+import types
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import train
+from checkpoint import load_checkpoint, model_from_checkpoint
+from config import TrainConfig, get_args_parser
+from conftest import tiny_train_args
+from model import resnet9
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def test_one_sgd_step_lowers_the_loss_on_a_fixed_batch():
+    torch.manual_seed(0)
+    model = resnet9()
+    x, y = torch.randn(32, 3, 32, 32), torch.randint(0, 10, (32,))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    model.train()
+    before = F.cross_entropy(model(x), y)
+    optimizer.zero_grad()
+    before.backward()
+    optimizer.step()
+    after = F.cross_entropy(model(x), y)
+    assert after.item() < before.item() - 0.01
+
+
+def test_defaults_are_the_papers_recipe_and_every_field_is_a_flag():
+    cfg = TrainConfig()
+    assert (cfg.arch, cfg.epochs, cfg.batch_size, cfg.lr, cfg.momentum, cfg.weight_decay) == \
+        ("resnet9", 100, 64, 0.01, 0.9, 0.0)
+    assert cfg.reload_best and cfg.val_size == 5000
+    options = get_options()
+    for name in TrainConfig.__dataclass_fields__:
+        assert "--" + name.replace("_", "-") in options
+    assert {"--resume", "--amp", "--no-reload-best", "--channels-last"} <= options
+
+
+def get_options():
+    return {s for a in get_args_parser()._actions for s in a.option_strings}
+
+
+def test_cli_run_writes_best_last_history_and_plots(trained_run):
+    best = load_checkpoint(trained_run / train.BEST_NAME)
+    last = load_checkpoint(trained_run / train.LAST_NAME)
+    assert best["kind"] == "best" and best["config"]["epochs"] == 2 and isinstance(best["config"], dict)
+    assert not any(k.startswith(("module.", "_orig_mod.")) for k in best["model"])
+    model_from_checkpoint(best)  # the config alone rebuilds the model
+    assert last["epoch"] == 2 and last["progress"]["epoch"] == 2 and "state" in last["optimizer"]
+    assert {"torch", "numpy", "python", "cuda"} <= set(last["rng"])
+    history = json.loads((trained_run / train.HISTORY_NAME).read_text())
+    assert [h["epoch"] for h in history] == [1, 2] and history == last["progress"]["history"]
+    assert {"train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds", "improved"} <= set(history[0])
+    assert history[0]["improved"] and best["epoch"] == max(h["epoch"] for h in history if h["improved"])
+    for name in ("loss_curve.png", "accuracy_curve.png"):
+        assert (trained_run / name).read_bytes()[:8] == PNG and (trained_run / name).stat().st_size > 5000
+    assert not [p for p in trained_run.iterdir() if p.name.endswith(".tmp")]
+
+
+def _scripted_accuracies(monkeypatch, accuracies):
+    """Make the selection evaluation return these accuracies, epoch after epoch."""
+    scores = iter(accuracies)
+    monkeypatch.setattr(train, "evaluate", lambda *a, **k: {"loss": 1.0, "acc": next(scores), "n": 20})
+
+
+@pytest.mark.parametrize("reload_best", [True, False])
+def test_best_weights_are_reloaded_after_a_worse_epoch(tiny_cifar, tmp_path, monkeypatch, reload_best):
+    _scripted_accuracies(monkeypatch, [50.0, 40.0, 30.0])
+    flag = [] if reload_best else ["--no-reload-best"]
+    assert train.main(tiny_train_args(tiny_cifar, tmp_path, "--epochs", "3", *flag)) == 0
+    best = load_checkpoint(tmp_path / train.BEST_NAME)
+    last = load_checkpoint(tmp_path / train.LAST_NAME)
+    assert best["epoch"] == 1 and best["metrics"]["val_acc"] == 50.0  # never replaced by a worse epoch
+    same = all(torch.equal(best["model"][k], last["model"][k]) for k in best["model"])
+    assert same == reload_best
+    history = last["progress"]["history"]
+    assert [h["reloaded"] for h in history] == [False, reload_best, reload_best]
+
+
+def _stop_at_training_step(monkeypatch, k):
+    """Send this process SIGINT inside the k-th training forward pass, as Ctrl-C would."""
+    calls = {"n": 0}
+
+    def cross_entropy(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == k:
+            os.kill(os.getpid(), signal.SIGINT)
+        return F.cross_entropy(*args, **kwargs)
+    monkeypatch.setattr(train, "F", types.SimpleNamespace(cross_entropy=cross_entropy))
+
+
+def _final_state(out):
+    last = load_checkpoint(out / train.LAST_NAME)
+    return last["model"], last["optimizer"]["state"], last["progress"]["history"]
+
+
+def _assert_same_run(a, b):
+    (wa, oa, ha), (wb, ob, hb) = a, b
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert all(torch.equal(oa[i]["momentum_buffer"], ob[i]["momentum_buffer"]) for i in oa)
+    strip = lambda h: [{k: v for k, v in row.items() if not k.endswith("seconds")} for row in h]
+    assert strip(ha) == strip(hb)
+
+
+def test_resume_after_an_epoch_equals_an_uninterrupted_run(tiny_cifar, trained_run, tmp_path):
+    out = tmp_path / "split"
+    assert train.main(tiny_train_args(tiny_cifar, out, "--no-reload-best", "--epochs", "1")) == 0
+    assert train.main(["--resume", str(out / train.LAST_NAME), "--epochs", "2"]) == 0
+    _assert_same_run(_final_state(trained_run), _final_state(out))
+
+
+@pytest.mark.parametrize("loader", ["device", "torchvision"])
+def test_ctrl_c_mid_epoch_saves_and_resume_is_exact(tiny_cifar, tmp_path, monkeypatch, capsys, loader):
+    reference = tmp_path / "reference"
+    assert train.main(tiny_train_args(tiny_cifar, reference, "--no-reload-best", "--loader", loader)) == 0
+    out = tmp_path / "stopped"
+    _stop_at_training_step(monkeypatch, 3)  # epoch 2 has 2 steps: stop after its first
+    assert train.main(tiny_train_args(tiny_cifar, out, "--no-reload-best", "--loader", loader)) == 128 + signal.SIGINT
+    assert "stopped by signal 2 in epoch 2 at step 1/2" in capsys.readouterr().out
+    saved = load_checkpoint(out / train.LAST_NAME)
+    assert saved["progress"]["epoch"] == 1 and saved["progress"]["step"] == 1
+    monkeypatch.undo()
+    assert train.main(["--resume", str(out / train.LAST_NAME), "--workers", "1"]) == 0
+    _assert_same_run(_final_state(reference), _final_state(out))
+
+
+def test_val_size_zero_selects_on_test_as_the_paper(tiny_cifar, tmp_path, capsys):
+    args = tiny_train_args(tiny_cifar, tmp_path, "--epochs", "1", "--val-size", "0")
+    assert train.main(args) == 0
+    text = capsys.readouterr().out
+    assert "selecting on 50 test images (the paper protocol: optimistic)" in text
+    assert "test loss" in text
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--epochs", "0"], "--epochs: '0' is not a positive integer"),
+    (["--epochs", "-3"], "--epochs: '-3' is not a positive integer"),
+    (["--batch-size", "0"], "--batch-size: '0' is not a positive integer"),
+    (["--lr", "nan"], "--lr: 'nan' is not a positive finite number"),
+    (["--lr", "-0.1"], "--lr: '-0.1' is not a positive finite number"),
+    (["--momentum", "1.5"], "--momentum"),
+    (["--workers", "-2"], "--workers: '-2' is not"),
+    (["--device", "tpu"], "--device: 'tpu' is not"),
+    (["--val-size", "x"], "--val-size: 'x' is not an integer"),
+    (["--no-such-flag"], "unrecognized arguments"),
+])
+def test_bad_flags_are_argparse_errors(flags, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        train.main(flags)
+    assert exit_.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_absent_cuda_is_one_clear_error(tiny_cifar, tmp_path, capsys):
+    assert train.main(tiny_train_args(tiny_cifar, tmp_path) + ["--device", "cuda"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --device cuda: no CUDA GPU") and err.count("\n") == 1
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_cifar, tmp_path, monkeypatch, capsys):
+    calls = {"n": 0}
+
+    def exploding(*args, **kwargs):
+        calls["n"] += 1
+        loss = F.cross_entropy(*args, **kwargs)
+        return loss * float("nan") if calls["n"] >= 3 else loss
+    monkeypatch.setattr(train, "F", types.SimpleNamespace(cross_entropy=exploding))
+    assert train.main(tiny_train_args(tiny_cifar, tmp_path, "--epochs", "3")) == 1
+    assert "non-finite in epoch 2" in capsys.readouterr().err
+    last = load_checkpoint(tmp_path / train.LAST_NAME)
+    assert last["epoch"] == 1 and all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())
+    assert load_checkpoint(tmp_path / train.BEST_NAME)["epoch"] == 1
+
+
+def test_resume_keeps_the_recipe_and_takes_only_last_pth(trained_run, capsys):
+    assert train.main(["--resume", str(trained_run / train.LAST_NAME), "--lr", "0.1"]) == 2
+    assert "--lr 0.1 differs from the resumed run's 0.01" in capsys.readouterr().err
+    assert train.main(["--resume", str(trained_run / train.BEST_NAME)]) == 2
+    assert "not a last.pth" in capsys.readouterr().err
+
+
+def test_another_runs_output_is_not_overwritten_without_flag(tiny_cifar, trained_run, tmp_path, capsys):
+    before = (trained_run / train.BEST_NAME).read_bytes()
+    assert train.main(tiny_train_args(tiny_cifar, trained_run, "--epochs", "1")) == 2
+    assert "belongs to another run" in capsys.readouterr().err
+    assert (trained_run / train.BEST_NAME).read_bytes() == before
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    (copy / train.BEST_NAME).write_bytes(before)
+    assert train.main(tiny_train_args(tiny_cifar, copy, "--epochs", "1", "--overwrite")) == 0
+    assert (copy / train.BEST_NAME).read_bytes() != before
+
+
+def test_unwritable_output_fails_before_training(tiny_cifar, tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    assert train.main(tiny_train_args(tiny_cifar, blocker / "out")) == 2
+    err = capsys.readouterr().err
+    assert "cannot write to --out" in err and err.count("\n") == 1
