@@ -62,7 +62,7 @@ class TrainConfig:
     lr: float = _field(0.01, "SGD learning rate (the peak, under a schedule)", POSITIVE_FLOAT)
     schedule: str = _field("constant", "learning rate over the run: constant, or linear warm-up then linear "
                            "decay to 0", str, choices=("constant", "linear"))
-    warmup_epochs: float = _field(0.0, "epochs of linear warm-up (schedule linear)", NONNEG_FLOAT)
+    warmup: float = _field(0.0, "fraction of the run spent warming up linearly (schedule linear)", FRACTION)
     momentum: float = _field(0.9, "SGD momentum", FRACTION)
     nesterov: bool = _field(False, "Nesterov momentum")
     weight_decay: float = _field(0.0, "L2 weight decay", NONNEG_FLOAT)
@@ -93,7 +93,7 @@ class TrainConfig:
 # test-time augmentation; the last epoch is kept rather than reloading the best.
 RECIPES: dict[str, dict] = {
     "paper": {},
-    "fast": {"epochs": 20, "batch_size": 512, "lr": 0.4, "schedule": "linear", "warmup_epochs": 4.0,
+    "fast": {"epochs": 20, "batch_size": 512, "lr": 0.4, "schedule": "linear", "warmup": 0.2,
              "nesterov": True, "weight_decay": 5e-4, "label_smoothing": 0.1, "rotation": 0.0, "tta": True,
              "reload_best": False},
 }
@@ -155,7 +155,7 @@ def lr_at(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
     if cfg.schedule == "constant":
         return cfg.lr
     total = cfg.epochs * steps_per_epoch
-    warmup = cfg.warmup_epochs * steps_per_epoch
+    warmup = cfg.warmup * total
     if step < warmup:
         return cfg.lr * (step + 1) / warmup
     return cfg.lr * max(0.0, (total - step) / max(1.0, total - warmup))

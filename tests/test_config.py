@@ -1,0 +1,72 @@
+"""The config: recipes, the learning-rate schedule, resumed configs, platform defaults, compile fallback."""
+import dataclasses
+import itertools
+
+import pytest
+import torch
+
+import runtime
+import train
+from config import RECIPES, TrainConfig, UsageError, fresh_config, lr_at, resumed_config
+from conftest import tiny_train_args
+from model import resnet9
+
+
+def test_recipes():
+    paper = fresh_config({})
+    assert paper == TrainConfig() and paper.schedule == "constant" and paper.rotation == 10.0
+    fast = fresh_config({"recipe": "fast"})
+    for key, value in RECIPES["fast"].items():
+        assert getattr(fast, key) == value
+    assert fast.batch_size == 512 and fast.nesterov and fast.tta and not fast.reload_best
+    assert fresh_config({"recipe": "fast", "epochs": 3, "lr": 0.1}).epochs == 3  # flags win over the recipe
+
+
+def test_linear_schedule_warms_up_then_decays_to_zero():
+    cfg = TrainConfig(epochs=10, lr=0.4, schedule="linear", warmup=0.2)
+    lrs = [lr_at(cfg, step, 10) for step in range(100)]
+    assert lrs[0] == pytest.approx(0.02) and lrs[19] == pytest.approx(0.4) and max(lrs) == pytest.approx(0.4)
+    assert all(a <= b for a, b in itertools.pairwise(lrs[:20]))
+    assert all(a >= b for a, b in itertools.pairwise(lrs[19:]))
+    assert lrs[-1] == pytest.approx(0.4 / 80) and lr_at(cfg, 100, 10) == 0.0
+    assert lr_at(TrainConfig(), 1234, 10) == 0.01  # the paper's constant rate
+
+
+def test_resumed_config_keeps_the_recipe():
+    saved = dataclasses.asdict(TrainConfig(epochs=5))
+    cfg = resumed_config({"epochs": 8, "device": "cpu", "workers": 0, "amp": False}, saved, "last.pth")
+    assert cfg.epochs == 8 and cfg.lr == 0.01
+    for flags in ({"lr": 0.1}, {"recipe": "fast"}, {"loader": "torchvision"}, {"batch_size": 32}):
+        with pytest.raises(UsageError, match="a resumed run keeps its recipe"):
+            resumed_config(flags, saved, "last.pth")
+    with pytest.raises(UsageError, match="does not know: bogus"):
+        resumed_config({}, {**saved, "bogus": 1}, "last.pth")
+
+
+def test_platform_defaults():
+    cpu = train.platform_defaults(TrainConfig(), torch.device("cpu"))
+    assert cpu.amp is False and cpu.channels_last is True
+    cuda = train.platform_defaults(TrainConfig(), torch.device("cuda"))
+    assert cuda.amp is True and cuda.channels_last is True
+    forced = train.platform_defaults(TrainConfig(amp=False, channels_last=False), torch.device("cuda"))
+    assert forced.amp is False and forced.channels_last is False
+
+
+def test_compile_falls_back_with_one_warning(monkeypatch, capsys):
+    monkeypatch.setattr(runtime.shutil, "which", lambda name: None)
+    model = resnet9()
+    assert runtime.compile_model(model, torch.device("cpu")) is model
+    err = capsys.readouterr().err
+    assert err == "warning: --compile: no C++ compiler found; running eager\n"
+
+
+def test_fast_recipe_runs_end_to_end(tiny_cifar, tmp_path):
+    """The fast recipe's pieces together (schedule, Nesterov, label smoothing, no rotation, TTA)."""
+    args = tiny_train_args(tiny_cifar, tmp_path, "--recipe", "fast", "--batch-size", "64", "--epochs", "2")
+    assert train.main(args) == 0
+    last = train.load_checkpoint(tmp_path / train.LAST_NAME)
+    assert last["config"]["recipe"] == "fast" and last["config"]["batch_size"] == 64
+    history = last["progress"]["history"]
+    assert history[0]["lr"] > history[1]["lr"] >= 0  # decaying after the warm-up
+    assert not any(h["reloaded"] for h in history)
+    assert last["optimizer"]["param_groups"][0]["nesterov"] is True
