@@ -1,13 +1,14 @@
 """The config: recipes, the learning-rate schedule, resumed configs, platform defaults, compile fallback."""
 import dataclasses
 import itertools
+from pathlib import Path
 
 import pytest
 import torch
 
 import runtime
 import train
-from config import RECIPES, TrainConfig, UsageError, fresh_config, lr_at, resumed_config
+from config import RECIPES, TrainConfig, UsageError, fresh_config, get_args_parser, lr_at, resumed_config
 from conftest import tiny_train_args
 from model import resnet9
 
@@ -70,3 +71,10 @@ def test_fast_recipe_runs_end_to_end(tiny_cifar, tmp_path):
     assert history[0]["lr"] > history[1]["lr"] >= 0  # decaying after the warm-up
     assert not any(h["reloaded"] for h in history)
     assert last["optimizer"]["param_groups"][0]["nesterov"] is True
+
+
+def test_readme_lists_every_flag():
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    options = {s for a in get_args_parser()._actions for s in a.option_strings if s.startswith("--")} - {"--help"}
+    missing = sorted(o for o in options if f"`{o}`" not in readme and f"`{o} " not in readme)
+    assert not missing, f"README's flag table lacks {missing}"
