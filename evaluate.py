@@ -8,9 +8,9 @@ The model is rebuilt from the checkpoint alone (its config names the architectur
 it prints and writes to --out-dir: loss, top-1/top-3 accuracy, per-class accuracy and the confusion
 matrix, calibration (expected calibration error over 15 confidence bins, a reliability diagram),
 horizontal-flip test-time augmentation (--tta), accuracy under five seeded corruptions at three
-severities (corruptions.py; --no-robustness skips it), the most confidently wrong test images, the
-training curves from the checkpoint's history, one summary page (summary.png), and report.json with
-every number printed. Images are held as uint8 and normalised one batch at a time.
+severities (corruptions.py; off by default on the CPU, where it takes minutes), the most
+confidently wrong test images, the training curves from the checkpoint's history, one summary page
+(summary.png), and report.json with every number printed. Images are held as uint8 and normalised one batch at a time.
 """
 from __future__ import annotations
 
@@ -193,10 +193,14 @@ def evaluate_test_set(model: nn.Module, images: np.ndarray, labels: np.ndarray, 
     if report["tta"]:
         print_tta(report["tta"], report["accuracy"])
     report["robustness"] = None
-    if args.robustness:
-        passes = sum(map(len, corruptions.SEVERITIES.values()))
+    passes = sum(map(len, corruptions.SEVERITIES.values()))
+    minutes = passes * report["seconds"] / 60
+    if args.robustness is None and device.type == "cpu":  # auto: 15 passes are minutes on a GPU, a long wait here
+        print(f"robustness: skipped on the CPU ({passes} more passes over the {report['n']} images, about "
+              f"{minutes:.0f} min here); --robustness runs them, --limit N shortens them")
+    elif args.robustness is not False:
         print(f"robustness: {passes} more passes over the {report['n']} images, about "
-              f"{passes * report['seconds'] / 60:.1f} min here (--no-robustness skips them)")
+              f"{minutes:.1f} min here (--no-robustness skips them)")
         report["robustness"] = robustness_report(model, images, labels, device, args.batch_size, args.seed)
         print_robustness(report["robustness"], report["accuracy"])
     return report
@@ -327,9 +331,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--tta", action="store_true",
                    help="also report accuracy with test-time augmentation (mean logits of image and mirror image)")
-    p.add_argument("--robustness", action=argparse.BooleanOptionalAction, default=True,
+    p.add_argument("--robustness", action=argparse.BooleanOptionalAction, default=None,
                    help="accuracy under 5 corruptions x 3 severities: 15 more passes over the test set, "
-                        "about 18 min for 10,000 images on 2 CPU cores (default: on)")
+                        "about 18 min for 10,000 images on 2 CPU cores (default: on, except on the CPU)")
     p.add_argument("--seed", type=int, default=0, help="seed of the corruption noise (default 0)")
     p.add_argument("--limit", type=int, default=0, help="evaluate the first N test images only (0: all)")
     p.add_argument("--image", nargs="+", metavar="FILE",

@@ -144,7 +144,7 @@ def test_heavier_corruption_lowers_a_trained_models_accuracy_and_reruns_match():
 def test_report_figures_and_printed_sections(trained_run, tiny_cifar, tmp_path, capsys):
     out = tmp_path / "eval"
     ckpt = trained_run / train.BEST_NAME
-    assert evaluate.main([str(ckpt), "--data-dir", str(tiny_cifar), "--out-dir", str(out), "--tta",
+    assert evaluate.main([str(ckpt), "--data-dir", str(tiny_cifar), "--out-dir", str(out), "--tta", "--robustness",
                           "--limit", "30", "--batch-size", "16", "--device", "cpu"]) == 0
     text = capsys.readouterr().out
     report = json.loads((out / "report.json").read_text())
@@ -169,6 +169,13 @@ def test_report_figures_and_printed_sections(trained_run, tiny_cifar, tmp_path, 
         data = (out / name).read_bytes()
         assert data[:8] == PNG and len(data) > 5000, name
         assert str(out / name) in report["figures"] and str(out / name) in text
+
+
+def test_robustness_is_off_by_default_on_the_cpu(trained_run, tiny_cifar, tmp_path, capsys):
+    assert evaluate.main([str(trained_run / train.BEST_NAME), "--data-dir", str(tiny_cifar), "--out-dir",
+                          str(tmp_path), "--limit", "10", "--device", "cpu"]) == 0
+    assert "robustness: skipped on the CPU (15 more passes over the 10 images" in capsys.readouterr().out
+    assert json.loads((tmp_path / "report.json").read_text())["robustness"] is None
 
 
 @pytest.mark.parametrize(("history", "problem"), [
