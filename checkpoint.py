@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from config import config_problems
 from model import build_model
 
 FORMAT = 1  # bumped when the layout of the dict changes
@@ -65,6 +66,21 @@ def save_checkpoint(obj: dict, path: str | os.PathLike) -> None:
         raise
 
 
+def _check_layout(obj, path: Path) -> None:
+    """The parts every reader relies on: a model state dict, a config dict of values the flags would
+    accept (the model's own are model_from_checkpoint's to check), an integer epoch."""
+    if not isinstance(obj, dict) or not isinstance(obj.get("model"), dict):
+        raise CheckpointError(f"{path}: not a checkpoint of this project (no 'model' state dict)")
+    if not isinstance(obj.get("config", {}), dict):
+        raise CheckpointError(f"{path}: its 'config' is not a dict")
+    bad = config_problems(obj.get("config", {}), skip=("arch", "num_classes"))  # model_from_checkpoint's
+    if bad:
+        raise CheckpointError(f"{path}: its config holds values no flag accepts ({', '.join(bad)}); "
+                              "the file is damaged")
+    if type(obj.get("epoch", 0)) is not int:
+        raise CheckpointError(f"{path}: its 'epoch' is not an integer (the file is damaged)")
+
+
 def _describe_load_error(e: Exception) -> str:
     text = str(e)
     found = re.search(r"GLOBAL ([\w.]+)", text)
@@ -89,10 +105,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch.load raises many types on corrupt input; all mean "unusable"
         raise CheckpointError(f"{path}: {_describe_load_error(e)}") from None
-    if not isinstance(obj, dict) or not isinstance(obj.get("model"), dict):
-        raise CheckpointError(f"{path}: not a checkpoint of this project (no 'model' state dict)")
-    if not isinstance(obj.get("config", {}), dict):
-        raise CheckpointError(f"{path}: its 'config' is not a dict")
+    _check_layout(obj, path)
     return obj
 
 

@@ -10,6 +10,7 @@ import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import NoReturn
 
 from model import ARCHITECTURES
 
@@ -19,27 +20,30 @@ class UsageError(Exception):
 
 
 def _check(kind: Callable, ok: Callable[[object], bool], what: str) -> Callable[[str], object]:
-    """An argparse `type` that parses with `kind` and rejects values for which `ok` is false."""
+    """An argparse `type` that parses with `kind` and rejects values for which `ok` is false.
+    `ok` stays on it, so a config read back from a checkpoint is held to the same rule."""
     def parse(text: str):
         try:
             value = kind(text)
-        except ValueError:
+        except (ValueError, argparse.ArgumentTypeError):
             raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
         if not ok(value):
             raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
         return value
-    parse.__name__ = what
+    parse.__name__, parse.ok = what, ok
     return parse
 
 
 POSITIVE_INT = _check(int, lambda v: v > 0, "a positive integer")
+CLASS_COUNT = _check(int, lambda v: 10 <= v <= 100_000, "an integer in 10..100000 (CIFAR-10's labels go up to 9)")
 NONNEG_INT = _check(int, lambda v: v >= 0, "an integer >= 0")
-ANY_INT = _check(int, lambda v: True, "an integer")
+SEED = _check(int, lambda v: abs(v) < 2**62, "an integer between -2**62 and 2**62")  # torch seeds are 64-bit
 POSITIVE_FLOAT = _check(float, lambda v: math.isfinite(v) and v > 0, "a positive finite number")
 NONNEG_FLOAT = _check(float, lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
 FRACTION = _check(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
 DEGREES = _check(float, lambda v: 0 <= v <= 180, "an angle in [0, 180] degrees")
-WORKERS = _check(lambda s: -1 if s == "auto" else int(s), lambda v: v >= 0 or v == -1, "'auto' or an integer >= 0")
+# -1 is how the config holds `auto`; typed as a number it is refused like any other negative count.
+WORKERS = _check(lambda s: -1 if s == "auto" else NONNEG_INT(s), lambda v: v >= -1, "'auto' or an integer >= 0")
 DEVICE = _check(str, lambda v: v in ("auto", "cpu", "mps", "cuda") or (v.startswith("cuda:") and v[5:].isdigit()),
                 "auto, cpu, cuda, cuda:N or mps")
 SECONDS = _check(float, lambda v: math.isfinite(v) and v > 0, "a positive number of seconds")
@@ -56,7 +60,7 @@ class TrainConfig:
     recipe: str = _field("paper", "paper: the paper's recipe; fast: a schedule made for speed (see README)",
                          str, choices=("paper", "fast"))
     arch: str = _field("resnet9", "model architecture", str, choices=ARCHITECTURES)
-    num_classes: int = _field(10, "number of classes", POSITIVE_INT)
+    num_classes: int = _field(10, "number of classes", CLASS_COUNT)
     epochs: int = _field(100, "passes over the training images", POSITIVE_INT)
     batch_size: int = _field(64, "images per optimizer step, summed over all processes", POSITIVE_INT)
     lr: float = _field(0.01, "SGD learning rate (the peak, under a schedule)", POSITIVE_FLOAT)
@@ -69,7 +73,7 @@ class TrainConfig:
     label_smoothing: float = _field(0.0, "label smoothing of the cross-entropy", FRACTION)
     rotation: float = _field(10.0, "random rotation range, +- degrees (0: none)", DEGREES)
     tta: bool = _field(False, "evaluate with horizontal-flip test-time augmentation")
-    seed: int = _field(0, "seed of the initial weights, the shuffling and the augmentation", ANY_INT)
+    seed: int = _field(0, "seed of the initial weights, the shuffling and the augmentation", SEED)
     val_size: int = _field(5000, "training images held out to pick the best epoch; 0 picks on the test set "
                            "as the paper did (optimistic)", NONNEG_INT)
     subset: int = _field(0, "train on this many images only (0: all)", NONNEG_INT)
@@ -79,6 +83,8 @@ class TrainConfig:
     amp: bool | None = _field(None, "bf16 autocast (CUDA only; default: on with CUDA)")
     channels_last: bool | None = _field(None, "channels-last memory format (default: on)")
     compile: bool = _field(False, "torch.compile the model (falls back to eager with a warning where unavailable)")
+    deterministic: bool = _field(False, "deterministic algorithms only: bit-identical reruns on one machine, slower; "
+                                 "an op without a deterministic kernel stops the run (README)")
     sync_bn: bool = _field(False, "SyncBatchNorm across processes under torchrun")
     data_dir: str = _field("data", "folder holding cifar-10-batches-py/ (downloaded there if absent)", str)
     out: str = _field("model", "folder for checkpoints, history and plots", str)
@@ -99,15 +105,24 @@ RECIPES: dict[str, dict] = {
 }
 
 # Fields a resumed run may change: where and how fast it runs, and how long; not what it computes.
+# `deterministic` is one: it picks which kernels compute the same recipe (on the CPU the bits are the
+# same with and without it, tested), so a run may be resumed with or without it.
 RUN_ENVIRONMENT = {"epochs", "data_dir", "out", "device", "workers", "amp", "channels_last", "compile",
-                   "dist_timeout"}
+                   "dist_timeout", "deterministic"}
+
+
+class _Parser(argparse.ArgumentParser):
+    """A bad flag gets one line saying what is wrong, not the whole usage text above it."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     """One flag per TrainConfig field. Defaults are left out of the namespace, so that the flags a
     user gave can be told apart (they override a recipe, and are checked against a resumed run)."""
-    p = argparse.ArgumentParser(description="Train ResNet9 on CIFAR-10 (defaults: the paper's recipe).",
-                                argument_default=argparse.SUPPRESS)
+    p = _Parser(description="Train ResNet9 on CIFAR-10 (defaults: the paper's recipe).",
+                argument_default=argparse.SUPPRESS)
     for f in dataclasses.fields(TrainConfig):
         flag, meta = "--" + f.name.replace("_", "-"), f.metadata
         default = "auto" if f.default is None else f.default
@@ -134,12 +149,32 @@ def fresh_config(given: dict) -> TrainConfig:
     return TrainConfig(**{**RECIPES[given.get("recipe", "paper")], **given})
 
 
+def _acceptable(f: dataclasses.Field, value) -> bool:
+    """Whether a value read back from a checkpoint has its field's type and passes its flag's check."""
+    if f.default is None:  # a setting left to the platform: None or a bool
+        return value is None or type(value) is bool
+    if type(value) is not type(f.default) and not (type(f.default) is float and type(value) is int):
+        return False
+    ok = getattr(f.metadata["type"], "ok", lambda v: True)
+    return ok(value) and value in f.metadata.get("choices", (value,))
+
+
+def config_problems(saved: dict, skip: tuple[str, ...] = ()) -> list[str]:
+    """`name=value` for each known field of a saved config (but `skip`) that no flag would accept."""
+    return [f"{f.name}={saved[f.name]!r:.40}" for f in dataclasses.fields(TrainConfig)
+            if f.name in saved and f.name not in skip and not _acceptable(f, saved[f.name])]
+
+
 def resumed_config(given: dict, saved: dict, source: str) -> TrainConfig:
     """A resumed run's config: the saved one; only run-environment flags may differ from it."""
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = set(saved) - names
     if unknown:
-        raise UsageError(f"{source}: its config has fields this version does not know: {', '.join(sorted(unknown))}")
+        raise UsageError(f"{source}: its config has fields this version does not know: "
+                         f"{', '.join(sorted(map(str, unknown)))}")
+    bad = config_problems(saved)
+    if bad:
+        raise UsageError(f"{source}: its config holds values no flag accepts ({', '.join(bad)}); the file is damaged")
     for key, value in given.items():
         if key not in RUN_ENVIRONMENT and value != saved.get(key):
             raise UsageError(f"--{key.replace('_', '-')} {value} differs from the resumed run's {saved.get(key)}; "

@@ -51,6 +51,16 @@ def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextM
     return contextlib.nullcontext()
 
 
+def use_deterministic_algorithms(device: torch.device) -> None:
+    """From here on, only deterministic kernels (an op that has none raises RuntimeError); on CUDA
+    also a fixed cuBLAS workspace and no cuDNN autotuning. Called at the start of a run, not at import."""
+    if device.type == "cuda":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS starts: before any matmul
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+    torch.use_deterministic_algorithms(True)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)

@@ -58,11 +58,13 @@ from runtime import (
     rng_state,
     seed_everything,
     set_rng_state,
+    use_deterministic_algorithms,
 )
 
 BEST_NAME = "learn_rate_consistent_model.pth"  # the paper's file name for the best model
 LAST_NAME = "last.pth"
 HISTORY_NAME = "history.json"
+HISTORY_NUMBERS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "seconds")  # plotted and summed per row
 EVAL_BATCH = 500  # images per evaluation batch: no gradients, so larger than the training batch
 CPU_IMAGES_PER_SECOND = 60  # measured: paper recipe on 2 CPU cores (README, "CPU and GPU")
 
@@ -147,7 +149,10 @@ class Progress:
     def check(self) -> None:
         ints = (self.epoch, self.step, self.best_epoch, self.reloads)
         numbers = (*self.partial, self.best_acc, self.partial_seconds) if isinstance(self.partial, list) else ()
-        if not (all(type(v) is int and v >= 0 for v in ints) and isinstance(self.history, list)
+        rows_ok = isinstance(self.history, list) and all(
+            isinstance(row, dict) and all(type(row.get(k)) in (int, float) for k in HISTORY_NUMBERS)
+            for row in self.history)
+        if not (all(type(v) is int and v >= 0 for v in ints) and rows_ok and isinstance(self.run_id, str)
                 and len(numbers) == 5 and all(isinstance(v, (int, float)) for v in numbers)):
             raise TypeError("its progress record is malformed")
 
@@ -209,14 +214,34 @@ def restore(ckpt: dict, path: str, model: nn.Module, optimizer: torch.optim.Opti
         unwrap(model).load_state_dict(clean_state_dict(ckpt["model"]))
         optimizer.load_state_dict(ckpt["optimizer"])
         set_rng_state(ckpt["rng"])
-    except (TypeError, KeyError, ValueError, RuntimeError, IndexError, AttributeError) as e:
+    except (TypeError, KeyError, ValueError, RuntimeError, IndexError, AttributeError, OverflowError) as e:
         raise CheckpointError(f"{path}: cannot resume from it ({type(e).__name__}: "
                               f"{' '.join(str(e).split())[:200]})") from None
     return progress
 
 
-def load_best_weights(out: Path, progress: Progress, device: torch.device) -> dict:
-    """The resumed run's best weights, from its best checkpoint (checked to be that run's)."""
+def finish_best_write(cfg: TrainConfig, out: Path, progress: Progress, model: nn.Module) -> bool:
+    """Write the best checkpoint again if the run stopped between last.pth and it: then last.pth's
+    epoch is the best one and its weights are the best weights. Returns whether it wrote."""
+    row = next((h for h in progress.history if h["epoch"] == progress.best_epoch), None)
+    if progress.step or progress.best_epoch != progress.epoch or row is None:
+        return False
+    try:
+        best = load_checkpoint(out / BEST_NAME)
+        if best.get("run_id") == progress.run_id and best.get("epoch") == progress.best_epoch:
+            return False
+    except CheckpointError:
+        pass  # missing or half-written: write it
+    weights = clean_state_dict(unwrap(model).state_dict())
+    save_checkpoint(_best_state(cfg, progress, weights, row), out / BEST_NAME)
+    return True
+
+
+def load_best_weights(out: Path, progress: Progress, model: nn.Module, device: torch.device) -> dict:
+    """The resumed run's best weights: the model's own if the epoch it stopped after was the best
+    (last.pth holds them then), else its best checkpoint's (checked to be that run's)."""
+    if progress.best_epoch == progress.epoch and not progress.step:
+        return {k: v.detach().clone() for k, v in clean_state_dict(unwrap(model).state_dict()).items()}
     best = load_checkpoint(out / BEST_NAME)
     if best.get("run_id") != progress.run_id or best.get("epoch") != progress.best_epoch:
         raise CheckpointError(f"{out / BEST_NAME}: not the best checkpoint of the run being resumed "
@@ -267,6 +292,8 @@ def fit(cfg: TrainConfig, *, resume: str | None = None, resume_ckpt: dict | None
                          f"over {dist.world_size} processes")
     cfg = platform_defaults(cfg, device)
     out = Path(cfg.out)
+    if cfg.deterministic:
+        use_deterministic_algorithms(device)
     seed_everything(cfg.seed)
     model = build_model(cfg.arch, cfg.num_classes).to(device)
     if cfg.sync_bn and dist.enabled:
@@ -286,10 +313,14 @@ def fit(cfg: TrainConfig, *, resume: str | None = None, resume_ckpt: dict | None
     if error:
         raise UsageError(error)
 
+    if resume_ckpt and dist.is_main:  # bring the outputs a crash may have left behind up to last.pth
+        if finish_best_write(cfg, out, progress, model):
+            print(f"note: {out / BEST_NAME} was not written when the run stopped; written now from {resume}")
+        _write_json(progress.history, out / HISTORY_NAME)
     loader, sel_loader, sel_name, summary = build_loaders(cfg, device, dist)
     best_weights = None
     if resume_ckpt and cfg.reload_best and progress.best_epoch:
-        best_weights = load_best_weights(out, progress, device)
+        best_weights = load_best_weights(out, progress, model, device)
     if cfg.compile:
         model = compile_model(model, device)
     if dist.enabled:
@@ -361,10 +392,10 @@ def fit(cfg: TrainConfig, *, resume: str | None = None, resume_ckpt: dict | None
                    "seconds": round(seconds, 2), "train_seconds": round(train_seconds, 2),
                    "improved": improved, "reloaded": reloaded}
             progress.history.append(row)
-            if dist.is_main:
+            if dist.is_main:  # last.pth first: a crash before the best one is written is repaired on resume
+                save_checkpoint(_last_state(cfg, progress, model, optimizer), out / LAST_NAME)
                 if improved:
                     save_checkpoint(_best_state(cfg, progress, best_weights, row), out / BEST_NAME)
-                save_checkpoint(_last_state(cfg, progress, model, optimizer), out / LAST_NAME)
                 _write_json(progress.history, out / HISTORY_NAME)
             note = "best" if improved else "reloaded best" if reloaded else ""
             say(f"epoch {epoch:>3}/{cfg.epochs} | train loss {row['train_loss']:.4f} acc {row['train_acc']:6.2f}% | "
@@ -403,6 +434,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except RuntimeError as e:
+        if "does not have a deterministic implementation" in str(e):  # an op that --deterministic cannot run
+            print(f"error: --deterministic: {str(e).split(', but')[0]}; run without --deterministic", file=sys.stderr)
+            return 1
         if not (dist and dist.enabled):
             raise
         # A collective that timed out or lost its peers: say so in one line and end this process.
