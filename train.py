@@ -20,6 +20,7 @@ import functools
 import json
 import math
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -284,14 +285,35 @@ def build_loaders(cfg: TrainConfig, device: torch.device, dist: Distributed):
     return loader, sel_loader, sel_name, summary
 
 
-def fit(cfg: TrainConfig, *, resume: str | None = None, resume_ckpt: dict | None = None, overwrite: bool = False,
-        dist: Distributed | None = None, device: torch.device) -> int:
-    dist = dist or Distributed()
-    if cfg.batch_size % dist.world_size:
-        raise UsageError(f"--batch-size {cfg.batch_size} is the global batch and must divide evenly "
-                         f"over {dist.world_size} processes")
-    cfg = platform_defaults(cfg, device)
-    out = Path(cfg.out)
+@dataclass
+class Run:
+    """Everything one run works with, set up once by `start_run`."""
+
+    cfg: TrainConfig
+    out: Path
+    device: torch.device
+    dist: Distributed
+    model: nn.Module  # what trains: maybe compiled, maybe wrapped in DistributedDataParallel
+    optimizer: torch.optim.Optimizer
+    loader: DeviceLoader | TorchvisionLoader
+    sel_loader: object  # batches of the selection split
+    sel_name: str  # "val" or "test"
+    progress: Progress
+    best_weights: dict | None
+
+    def say(self, text: str) -> None:
+        if self.dist.is_main:
+            print(text)
+
+    def lr_schedule(self, epoch: int) -> Callable[[int], float] | None:
+        if self.cfg.schedule == "constant":
+            return None
+        steps = self.loader.steps_per_epoch
+        return lambda step: lr_at(self.cfg, (epoch - 1) * steps + step, steps)
+
+
+def build_training(cfg: TrainConfig, device: torch.device, dist: Distributed) -> tuple[nn.Module, torch.optim.SGD]:
+    """The seeded model (SyncBatchNorm, channels-last as asked) and its SGD optimizer."""
     if cfg.deterministic:
         use_deterministic_algorithms(device)
     seed_everything(cfg.seed)
@@ -302,118 +324,158 @@ def fit(cfg: TrainConfig, *, resume: str | None = None, resume_ckpt: dict | None
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
                                 weight_decay=cfg.weight_decay, fused=device.type in ("cuda", "cpu"))
-    progress = restore(resume_ckpt, resume, model, optimizer) if resume_ckpt is not None else Progress()
-    error = None
+    return model, optimizer
+
+
+def check_output(cfg: TrainConfig, progress: Progress, resume: str | None, overwrite: bool, model: nn.Module,
+                 dist: Distributed) -> None:
+    """Rank 0 checks --out (all processes stop together if it fails) and, on a resume, brings the
+    outputs a crash may have left behind up to last.pth."""
+    out, error = Path(cfg.out), None
     if dist.is_main:
         try:
-            prepare_output(out, resuming_run=progress.run_id if resume_ckpt else None, overwrite=overwrite)
+            prepare_output(out, resuming_run=progress.run_id if resume else None, overwrite=overwrite)
         except UsageError as e:
             error = str(e)
     error = dist.first_error(error)
     if error:
         raise UsageError(error)
-
-    if resume_ckpt and dist.is_main:  # bring the outputs a crash may have left behind up to last.pth
+    if resume and dist.is_main:
         if finish_best_write(cfg, out, progress, model):
             print(f"note: {out / BEST_NAME} was not written when the run stopped; written now from {resume}")
         _write_json(progress.history, out / HISTORY_NAME)
+
+
+def start_run(cfg: TrainConfig, resume: str | None, resume_ckpt: dict | None, overwrite: bool, dist: Distributed,
+              device: torch.device) -> Run:
+    if cfg.batch_size % dist.world_size:
+        raise UsageError(f"--batch-size {cfg.batch_size} is the global batch and must divide evenly "
+                         f"over {dist.world_size} processes")
+    cfg = platform_defaults(cfg, device)
+    model, optimizer = build_training(cfg, device, dist)
+    progress = restore(resume_ckpt, resume, model, optimizer) if resume_ckpt is not None else Progress()
+    check_output(cfg, progress, resume, overwrite, model, dist)
     loader, sel_loader, sel_name, summary = build_loaders(cfg, device, dist)
     best_weights = None
     if resume_ckpt and cfg.reload_best and progress.best_epoch:
-        best_weights = load_best_weights(out, progress, model, device)
+        best_weights = load_best_weights(Path(cfg.out), progress, model, device)
     if cfg.compile:
         model = compile_model(model, device)
     if dist.enabled:
-        # BatchNorm statistics are shared once per epoch (broadcast_buffers below), not at every step.
+        # BatchNorm statistics are shared once per epoch (broadcast_buffers in end_epoch), not at every step.
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
                                                     else None, forward_sync_buffers=False)
-    loss_fn = functools.partial(F.cross_entropy, label_smoothing=cfg.label_smoothing)
-    eval_model = model.module if dist.enabled else model  # no DDP hooks where there is no backward
-    steps = loader.steps_per_epoch
-
-    def lr_schedule(epoch: int) -> Callable[[int], float] | None:
-        if cfg.schedule == "constant":
-            return None
-        return lambda step: lr_at(cfg, (epoch - 1) * steps + step, steps)
-
-    say = print if dist.is_main else (lambda *a, **k: None)
-    say(f"{summary}; device {device}, {dist.world_size} process(es); amp {cfg.amp}, channels_last "
-        f"{cfg.channels_last}, compile {cfg.compile}; run {progress.run_id}"
-        f"{f', resumed after epoch {progress.epoch} step {progress.step}' if resume_ckpt else ''}")
+    run = Run(cfg, Path(cfg.out), device, dist, model, optimizer, loader, sel_loader, sel_name, progress, best_weights)
+    run.say(f"{summary}; device {device}, {dist.world_size} process(es); amp {cfg.amp}, channels_last "
+            f"{cfg.channels_last}, compile {cfg.compile}; run {progress.run_id}"
+            f"{f', resumed after epoch {progress.epoch} step {progress.step}' if resume_ckpt else ''}")
     if device.type == "cpu":
         minutes = loader.images_left * dist.world_size / CPU_IMAGES_PER_SECOND / 60
         total = minutes * cfg.epochs
-        say(f"note: no GPU in use; on 2 CPU cores an epoch of this run takes about {minutes:.1f} min, "
-            f"{cfg.epochs} epochs about {f'{total:.0f} min' if total < 90 else f'{total / 60:.1f} h'}")
+        run.say(f"note: no GPU in use; on 2 CPU cores an epoch of this run takes about {minutes:.1f} min, "
+                f"{cfg.epochs} epochs about {f'{total:.0f} min' if total < 90 else f'{total / 60:.1f} h'}")
+    return run
 
-    with StopFlag() as stop:
-        while progress.epoch < cfg.epochs:
-            epoch = progress.epoch + 1
-            loader.set_epoch(epoch, progress.step)
-            # Under torchrun each process adds its own sums; the resumed partial sums count once.
-            sums = torch.tensor(progress.partial if dist.is_main else [0.0] * 3, device=device)
-            start = time.perf_counter()
-            try:
-                step = train_one_epoch(model, loader, optimizer, loss_fn, device=device, amp=cfg.amp,
-                                       channels_last=cfg.channels_last, stop=stop, sums=sums,
-                                       start_step=progress.step, dist=dist, desc=f"epoch {epoch}/{cfg.epochs}",
-                                       lr_for_step=lr_schedule(epoch))
-            except NonFiniteLoss:
-                raise NonFiniteLoss(f"the training loss became non-finite in epoch {epoch}; stopped. "
-                                    f"{out / LAST_NAME} still holds the state after epoch {progress.epoch}; "
-                                    "try a lower --lr") from None
-            train_seconds = progress.partial_seconds + time.perf_counter() - start
-            totals = dist.all_reduce_sum(sums.clone())
-            if step < loader.steps_per_epoch:  # stopped by a signal in the middle of the epoch
-                progress.step, progress.partial, progress.partial_seconds = step, totals.tolist(), train_seconds
-                if dist.is_main:
-                    save_checkpoint(_last_state(cfg, progress, model, optimizer), out / LAST_NAME)
-                say(f"stopped by signal {stop.signal} in epoch {epoch} at step {step}/{loader.steps_per_epoch}; "
-                    f"saved {out / LAST_NAME}; continue with: python train.py --resume {out / LAST_NAME}")
-                return 128 + (stop.signal or 2)
 
-            loss_sum, correct, n = totals.tolist()
-            dist.broadcast_buffers(unwrap(model))
-            val = evaluate(eval_model, sel_loader, device, amp=cfg.amp, channels_last=cfg.channels_last, tta=cfg.tta,
-                           reduce=dist.all_reduce_sum)
-            seconds = progress.partial_seconds + time.perf_counter() - start
-            improved = val["acc"] > progress.best_acc
-            reloaded = False
-            progress.epoch, progress.step, progress.partial, progress.partial_seconds = epoch, 0, [0.0] * 3, 0.0
-            if improved:
-                progress.best_acc, progress.best_epoch = val["acc"], epoch
-                best_weights = {k: v.detach().clone() for k, v in clean_state_dict(unwrap(model).state_dict()).items()}
-            elif cfg.reload_best and best_weights is not None:
-                unwrap(model).load_state_dict(best_weights)
-                progress.reloads += 1
-                reloaded = True
-            row = {"epoch": epoch, "train_loss": loss_sum / n, "train_acc": 100 * correct / n,
-                   "val_loss": val["loss"], "val_acc": val["acc"], "lr": optimizer.param_groups[0]["lr"],
-                   "seconds": round(seconds, 2), "train_seconds": round(train_seconds, 2),
-                   "improved": improved, "reloaded": reloaded}
-            progress.history.append(row)
-            if dist.is_main:  # last.pth first: a crash before the best one is written is repaired on resume
-                save_checkpoint(_last_state(cfg, progress, model, optimizer), out / LAST_NAME)
-                if improved:
-                    save_checkpoint(_best_state(cfg, progress, best_weights, row), out / BEST_NAME)
-                _write_json(progress.history, out / HISTORY_NAME)
-            note = "best" if improved else "reloaded best" if reloaded else ""
-            say(f"epoch {epoch:>3}/{cfg.epochs} | train loss {row['train_loss']:.4f} acc {row['train_acc']:6.2f}% | "
-                f"{sel_name} loss {row['val_loss']:.4f} acc {row['val_acc']:6.2f}% | lr {row['lr']:.4f} | "
-                f"{seconds:6.1f}s ({train_seconds:.1f}s training) | {note}")
-            if stop.requested:
-                say(f"stopped by signal {stop.signal} after epoch {epoch}; continue with: "
-                    f"python train.py --resume {out / LAST_NAME}")
-                return 128 + stop.signal
+def train_epoch(run: Run, epoch: int, stop: StopFlag) -> tuple[int, list[float], float]:
+    """Train (the rest of) one epoch; returns the step reached, the summed [loss, correct, images]
+    over all processes, and the seconds spent training in this epoch."""
+    progress, cfg = run.progress, run.cfg
+    run.loader.set_epoch(epoch, progress.step)
+    # Under torchrun each process adds its own sums; the resumed partial sums count once.
+    sums = torch.tensor(progress.partial if run.dist.is_main else [0.0] * 3, device=run.device)
+    start = time.perf_counter()
+    try:
+        step = train_one_epoch(run.model, run.loader, run.optimizer,
+                               functools.partial(F.cross_entropy, label_smoothing=cfg.label_smoothing),
+                               device=run.device, amp=cfg.amp, channels_last=cfg.channels_last, stop=stop,
+                               sums=sums, start_step=progress.step, dist=run.dist,
+                               desc=f"epoch {epoch}/{cfg.epochs}", lr_for_step=run.lr_schedule(epoch))
+    except NonFiniteLoss:
+        raise NonFiniteLoss(f"the training loss became non-finite in epoch {epoch}; stopped. "
+                            f"{run.out / LAST_NAME} still holds the state after epoch {progress.epoch}; "
+                            "try a lower --lr") from None
+    seconds = progress.partial_seconds + time.perf_counter() - start
+    return step, run.dist.all_reduce_sum(sums).tolist(), seconds
 
-    if dist.is_main and progress.history:
-        written = plots.save_curves(progress.history, out, sel_name)
-        total = sum(h["seconds"] for h in progress.history)
-        reload_note = (f"best-weights reload on: reloaded after {progress.reloads} of {progress.epoch} epochs"
-                       if cfg.reload_best else "best-weights reload off")
-        say(f"done: {progress.epoch} epochs in {total / 60:.1f} min; best {sel_name} acc {progress.best_acc:.2f}% "
-            f"at epoch {progress.best_epoch} -> {out / BEST_NAME}; {reload_note}; "
+
+def save_mid_epoch(run: Run, step: int, totals: list[float], seconds: float, signum: int) -> int:
+    """A stop inside an epoch: save the position and the epoch's sums so far, say how to go on."""
+    progress = run.progress
+    progress.step, progress.partial, progress.partial_seconds = step, totals, seconds
+    if run.dist.is_main:
+        save_checkpoint(_last_state(run.cfg, progress, run.model, run.optimizer), run.out / LAST_NAME)
+    run.say(f"stopped by signal {signum} in epoch {progress.epoch + 1} at step {step}/{run.loader.steps_per_epoch}; "
+            f"saved {run.out / LAST_NAME}; continue with: python train.py --resume {run.out / LAST_NAME}")
+    return 128 + signum
+
+
+def end_epoch(run: Run, epoch: int, totals: list[float], train_seconds: float) -> None:
+    """Evaluate on the selection split, keep or reload the best weights, write the checkpoints and
+    the history, and print the epoch's line."""
+    cfg, progress, dist = run.cfg, run.progress, run.dist
+    start = time.perf_counter()
+    dist.broadcast_buffers(unwrap(run.model))
+    eval_model = run.model.module if dist.enabled else run.model  # no DDP hooks where there is no backward
+    val = evaluate(eval_model, run.sel_loader, run.device, amp=cfg.amp, channels_last=cfg.channels_last,
+                   tta=cfg.tta, reduce=dist.all_reduce_sum)
+    seconds = train_seconds + time.perf_counter() - start
+    improved = val["acc"] > progress.best_acc
+    reloaded = not improved and cfg.reload_best and run.best_weights is not None
+    progress.epoch, progress.step, progress.partial, progress.partial_seconds = epoch, 0, [0.0] * 3, 0.0
+    if improved:
+        progress.best_acc, progress.best_epoch = val["acc"], epoch
+        run.best_weights = {k: v.detach().clone() for k, v in clean_state_dict(unwrap(run.model).state_dict()).items()}
+    elif reloaded:
+        unwrap(run.model).load_state_dict(run.best_weights)
+        progress.reloads += 1
+    loss_sum, correct, n = totals
+    row = {"epoch": epoch, "train_loss": loss_sum / n, "train_acc": 100 * correct / n,
+           "val_loss": val["loss"], "val_acc": val["acc"], "lr": run.optimizer.param_groups[0]["lr"],
+           "seconds": round(seconds, 2), "train_seconds": round(train_seconds, 2),
+           "improved": improved, "reloaded": reloaded}
+    progress.history.append(row)
+    if dist.is_main:  # last.pth first: a crash before the best one is written is repaired on resume
+        save_checkpoint(_last_state(cfg, progress, run.model, run.optimizer), run.out / LAST_NAME)
+        if improved:
+            save_checkpoint(_best_state(cfg, progress, run.best_weights, row), run.out / BEST_NAME)
+        _write_json(progress.history, run.out / HISTORY_NAME)
+    note = "best" if improved else "reloaded best" if reloaded else ""
+    run.say(f"epoch {epoch:>3}/{cfg.epochs} | train loss {row['train_loss']:.4f} acc {row['train_acc']:6.2f}% | "
+            f"{run.sel_name} loss {row['val_loss']:.4f} acc {row['val_acc']:6.2f}% | lr {row['lr']:.4f} | "
+            f"{seconds:6.1f}s ({train_seconds:.1f}s training) | {note}")
+
+
+def finish(run: Run) -> None:
+    """The curves and the summary line, at the end of the run."""
+    progress, cfg = run.progress, run.cfg
+    if not (run.dist.is_main and progress.history):
+        return
+    written = plots.save_curves(progress.history, run.out, run.sel_name)
+    total = sum(h["seconds"] for h in progress.history)
+    reload_note = (f"best-weights reload on: reloaded after {progress.reloads} of {progress.epoch} epochs"
+                   if cfg.reload_best else "best-weights reload off")
+    run.say(f"done: {progress.epoch} epochs in {total / 60:.1f} min; best {run.sel_name} acc "
+            f"{progress.best_acc:.2f}% at epoch {progress.best_epoch} -> {run.out / BEST_NAME}; {reload_note}; "
             f"plots: {', '.join(str(p) for p in written)}")
+
+
+def fit(cfg: TrainConfig, *, resume: str | None = None, resume_ckpt: dict | None = None, overwrite: bool = False,
+        dist: Distributed | None = None, device: torch.device) -> int:
+    """Train to cfg.epochs; returns the exit code (128 + signal when a signal stopped the run)."""
+    run = start_run(cfg, resume, resume_ckpt, overwrite, dist or Distributed(), device)
+    with StopFlag() as stop:
+        while run.progress.epoch < run.cfg.epochs:
+            epoch = run.progress.epoch + 1
+            step, totals, seconds = train_epoch(run, epoch, stop)
+            if step < run.loader.steps_per_epoch:  # stopped by a signal in the middle of the epoch
+                return save_mid_epoch(run, step, totals, seconds, stop.signal or signal.SIGINT)
+            end_epoch(run, epoch, totals, seconds)
+            if stop.requested:
+                run.say(f"stopped by signal {stop.signal} after epoch {epoch}; continue with: "
+                        f"python train.py --resume {run.out / LAST_NAME}")
+                return 128 + stop.signal
+    finish(run)
     return 0
 
 
