@@ -7,6 +7,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 import evaluate
@@ -26,52 +27,45 @@ def tiny(data_dir, out, *extra):
     return ["--data-dir", str(data_dir), "--out", str(out), "--val-size", "20", *extra]
 
 
-def test_two_processes_take_the_same_first_step_as_one(tiny_cifar, tmp_path):
+def test_two_processes_take_the_same_first_step_as_one(tiny_cifar, tmp_path, capsys):
     """Global batch 32 split over 2 processes (16 each, SyncBatchNorm) = one process at batch 32:
-    one epoch of 32 images is exactly one optimizer step."""
+    one epoch of 32 images is exactly one optimizer step. The 2-process run writes one set of
+    outputs, which a single process evaluates; both runs' last.pth resume under torchrun."""
     flags = ("--epochs", "1", "--subset", "32", "--batch-size", "32", "--sync-bn")
     assert train.main(tiny(tiny_cifar, tmp_path / "one", *flags)) == 0
-    result = torchrun(*tiny(tiny_cifar, tmp_path / "two", *flags))
+    two = tmp_path / "two"
+    result = torchrun(*tiny(tiny_cifar, two, *flags))
     assert result.returncode == 0, result.stderr[-2000:]
-    one, two = (load_checkpoint(tmp_path / name / train.LAST_NAME) for name in ("one", "two"))
-    loss_one, loss_two = (c["progress"]["history"][0]["train_loss"] for c in (one, two))
+    one_ckpt, two_ckpt = (load_checkpoint(tmp_path / name / train.LAST_NAME) for name in ("one", "two"))
+    loss_one, loss_two = (c["progress"]["history"][0]["train_loss"] for c in (one_ckpt, two_ckpt))
     assert abs(loss_one - loss_two) < 1e-5 * loss_one
-    for key, value in one["model"].items():
-        torch.testing.assert_close(two["model"][key], value, rtol=1e-4, atol=1e-4, msg=key)
-    assert not torch.equal(one["model"]["conv1.weight"], load_checkpoint(
-        tmp_path / "one" / train.BEST_NAME)["model"]["conv1.weight"] * 0)  # the weights did move
-    # ... and a single-process checkpoint resumes under torchrun.
-    result = torchrun("--resume", str(tmp_path / "one" / train.LAST_NAME), "--epochs", "2")
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert [h["epoch"] for h in load_checkpoint(tmp_path / "one" / train.LAST_NAME)["progress"]["history"]] == [1, 2]
+    initial = train.build_training(train.TrainConfig(), torch.device("cpu"), train.Distributed())[0].state_dict()
+    assert not torch.equal(one_ckpt["model"]["conv1.weight"], initial["conv1.weight"])  # the step did move them
+    for key, value in one_ckpt["model"].items():
+        torch.testing.assert_close(two_ckpt["model"][key], value, rtol=1e-4, atol=1e-4, msg=key)
 
-
-def test_two_process_run_writes_one_set_of_outputs_and_resumes(tiny_cifar, tmp_path, capsys):
-    out = tmp_path / "ddp"
-    result = torchrun(*tiny(tiny_cifar, out, "--epochs", "1"))
-    assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.count("epoch   1/1 |") == 1 and result.stdout.count("done:") == 1  # rank 0 alone prints
     assert "2 process(es)" in result.stdout
-    assert sorted(p.name for p in out.iterdir()) == sorted(
+    assert sorted(p.name for p in two.iterdir()) == sorted(
         [train.BEST_NAME, train.LAST_NAME, train.HISTORY_NAME, "loss_curve.png", "accuracy_curve.png"])
-    best = load_checkpoint(out / train.BEST_NAME)
-    assert not any(k.startswith("module.") for k in best["model"])
-
-    result = torchrun("--resume", str(out / train.LAST_NAME), "--epochs", "2")
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "resumed after epoch 1 step 0" in result.stdout and "epoch   2/2 |" in result.stdout
-    assert "epoch   1/2 |" not in result.stdout
-    assert [h["epoch"] for h in load_checkpoint(out / train.LAST_NAME)["progress"]["history"]] == [1, 2]
-    # a DDP checkpoint loads in a single-process evaluate.py
-    assert evaluate.main([str(out / train.BEST_NAME), "--data-dir", str(tiny_cifar),
-                          "--out-dir", str(tmp_path / "eval")]) == 0
+    assert not any(k.startswith("module.") for k in load_checkpoint(two / train.BEST_NAME)["model"])
+    assert evaluate.main([str(two / train.BEST_NAME), "--data-dir", str(tiny_cifar),
+                          "--out-dir", str(tmp_path / "eval"), "--device", "cpu"]) == 0
     assert "top-1 accuracy" in capsys.readouterr().out
+
+    for name in ("two", "one"):  # a DDP last.pth and a single-process one continue under torchrun
+        result = torchrun("--resume", str(tmp_path / name / train.LAST_NAME), "--epochs", "2")
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert "resumed after epoch 1 step 0" in result.stdout and "epoch   2/2 |" in result.stdout
+        assert "epoch   1/2 |" not in result.stdout
+        history = load_checkpoint(tmp_path / name / train.LAST_NAME)["progress"]["history"]
+        assert [h["epoch"] for h in history] == [1, 2]
 
 
 def test_uneven_global_batch_is_refused(tiny_cifar, tmp_path):
-    result = torchrun(*tiny(tiny_cifar, tmp_path, "--epochs", "1", "--batch-size", "33"))
-    assert result.returncode != 0
-    assert "--batch-size 33 is the global batch and must divide evenly over 2 processes" in result.stderr
+    cfg = train.fresh_config({"batch_size": 33, "data_dir": str(tiny_cifar), "out": str(tmp_path)})
+    with pytest.raises(train.UsageError, match="--batch-size 33 is the global batch and must divide evenly over 2"):
+        train.fit(cfg, dist=train.Distributed(rank=0, world_size=2), device=torch.device("cpu"))
 
 
 def _rank_pid(parent: int, rank: int) -> int | None:

@@ -4,16 +4,16 @@ from checkpoint import load_checkpoint
 
 
 def test_short_cpu_training_beats_chance_on_held_out_images(proxy_dir, tmp_path):
-    """The paper's recipe for 3 epochs on 2,000 real training images, judged on 1,000 held-out ones.
+    """The paper's recipe for 2 epochs on 2,000 real training images, judged on 1,000 held-out ones.
 
-    Measured on the CIFAR-10 JPEG proxy (2 CPU cores, torch 2.14.1, seed 0): 25.4%, 28.6% and
-    36.5% after epochs 1-3, in about 2 minutes. Chance is 10%; the bar leaves room for other CPUs'
-    floating-point differences while still failing a broken pipeline (labels shuffled against
-    images, wrong normalisation, augmentation that destroys the image)."""
+    Measured on the CIFAR-10 JPEG proxy (2 CPU cores, torch 2.14.1, seed 0): 25.4% and 28.6% after
+    epochs 1 and 2, in about 75 s (a third epoch reaches 36.5%). Chance is 10%; the bar of 20%
+    leaves room for other CPUs' floating-point differences while still failing a broken pipeline
+    (labels shuffled against images, wrong normalisation, augmentation that destroys the image)."""
     args = ["--data-dir", str(proxy_dir), "--out", str(tmp_path), "--subset", "2000", "--val-size", "1000",
-            "--epochs", "3", "--device", "cpu", "--seed", "0"]
+            "--epochs", "2", "--device", "cpu", "--seed", "0"]
     assert train.main(args) == 0
     best = load_checkpoint(tmp_path / train.BEST_NAME)
-    assert best["metrics"]["val_acc"] >= 25.0
+    assert best["metrics"]["val_acc"] >= 20.0
     history = best["history"]
     assert history[-1]["train_loss"] < history[0]["train_loss"]
