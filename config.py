@@ -111,7 +111,7 @@ RUN_ENVIRONMENT = {"epochs", "data_dir", "out", "device", "workers", "amp", "cha
                    "dist_timeout", "deterministic"}
 
 
-class _Parser(argparse.ArgumentParser):
+class OneLineParser(argparse.ArgumentParser):
     """A bad flag gets one line saying what is wrong, not the whole usage text above it."""
 
     def error(self, message: str) -> NoReturn:
@@ -121,7 +121,7 @@ class _Parser(argparse.ArgumentParser):
 def get_args_parser() -> argparse.ArgumentParser:
     """One flag per TrainConfig field. Defaults are left out of the namespace, so that the flags a
     user gave can be told apart (they override a recipe, and are checked against a resumed run)."""
-    p = _Parser(description="Train ResNet9 on CIFAR-10 (defaults: the paper's recipe).",
+    p = OneLineParser(description="Train ResNet9 on CIFAR-10 (defaults: the paper's recipe).",
                 argument_default=argparse.SUPPRESS)
     for f in dataclasses.fields(TrainConfig):
         flag, meta = "--" + f.name.replace("_", "-"), f.metadata

@@ -32,6 +32,7 @@ import corruptions
 import metrics
 import plots
 from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
+from config import OneLineParser
 from data import (
     CLASSES,
     META_FILE,
@@ -320,7 +321,7 @@ def classify_files(model: nn.Module, paths: Sequence[str], device: torch.device,
 # ----------------------------------------------------------------------------- CLI
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         description="Evaluate a ResNet9 checkpoint on the CIFAR-10 test set, or classify image files (--image).",
         epilog="exit codes: 0 done; 1 some --image file could not be read (the others are still classified); "
                "2 bad arguments, checkpoint or data set")
