@@ -21,7 +21,6 @@ from torch import nn
 from config import config_problems
 from model import build_model
 
-FORMAT = 1  # bumped when the layout of the dict changes
 _PREFIXES = ("module.", "_orig_mod.")  # added by DistributedDataParallel and torch.compile
 
 
