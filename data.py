@@ -273,9 +273,12 @@ class EpochSampler(DistributedSampler):
         super().set_epoch(epoch)
         self.start = start
 
+    def indices(self) -> list[int]:
+        """This rank's images of the epoch, in order, from the start position on."""
+        return list(super().__iter__())[self.start:]
+
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        indices = list(super().__iter__())[self.start:]
-        return iter([(i, mix_seed(self.seed, self.epoch, i)) for i in indices])
+        return iter([(i, mix_seed(self.seed, self.epoch, i)) for i in self.indices()])
 
     def __len__(self) -> int:
         return self.num_samples - self.start
@@ -298,11 +301,32 @@ def default_workers(device: torch.device) -> int:
     return min(8, cpus) if device.type == "cuda" else min(1, cpus - 1)
 
 
-class TorchvisionLoader:
-    """The paper's pipeline: PIL transforms in DataLoader workers, batches of `batch_size` per rank.
+class _EpochBatches:
+    """What both training loaders share: batches of `batch_size` per rank in an EpochSampler's order.
 
     `set_epoch(epoch, start_step)` picks the epoch's permutation (and a step to start at) before
     iterating; `len()` is the number of steps left in that epoch."""
+
+    batch_size: int
+    sampler: EpochSampler
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        self.sampler.set_epoch(epoch, start_step * self.batch_size)
+
+    def __len__(self) -> int:
+        return -(-self.images_left // self.batch_size)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return -(-self.sampler.num_samples // self.batch_size)
+
+    @property
+    def images_left(self) -> int:
+        return len(self.sampler)
+
+
+class TorchvisionLoader(_EpochBatches):
+    """The paper's pipeline: PIL transforms in DataLoader workers."""
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, batch_size: int, *, seed: int, workers: int,
                  device: torch.device, rank: int = 0, world_size: int = 1, rotation: float = 10.0) -> None:
@@ -313,22 +337,8 @@ class TorchvisionLoader:
             num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=workers > 0,
             worker_init_fn=_init_worker, generator=torch.Generator().manual_seed(seed), drop_last=False)
 
-    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
-        self.sampler.set_epoch(epoch, start_step * self.batch_size)
-
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         return iter(self.loader)
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    @property
-    def steps_per_epoch(self) -> int:
-        return -(-self.sampler.num_samples // self.batch_size)
-
-    @property
-    def images_left(self) -> int:
-        return len(self.sampler)
 
 
 def make_eval_loader(images: np.ndarray, labels: np.ndarray, batch_size: int, *, workers: int,
@@ -394,45 +404,27 @@ def augment_batch(images: torch.Tensor, top: torch.Tensor, left: torch.Tensor, f
     return out * inside.unsqueeze(1).to(out.dtype)
 
 
-class DeviceLoader:
+class DeviceLoader(_EpochBatches):
     """The whole training split held on the training device as uint8, augmented there batch by batch.
 
-    Same protocol as TorchvisionLoader, and the same order of images (DistributedSampler's seeded
-    permutation, sliced per rank); each image's random parameters come from a generator seeded by
-    (seed, epoch), indexed by the image, so they too do not depend on the number of processes."""
+    Same order of images as TorchvisionLoader; each image's random parameters come from a generator
+    seeded by (seed, epoch), indexed by the image, so they do not depend on the number of processes."""
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, batch_size: int, *, seed: int,
                  device: torch.device, rank: int = 0, world_size: int = 1, rotation: float = 10.0) -> None:
-        self.batch_size, self.seed, self.rotation, self.device = batch_size, seed, rotation, device
+        self.batch_size, self.rotation, self.device = batch_size, rotation, device
         self.images = to_device_images(images, device)
         self.labels = torch.from_numpy(labels).to(device)
-        self.sampler = DistributedSampler(range(len(images)), num_replicas=world_size, rank=rank, shuffle=True,
-                                          seed=seed)
-        self.epoch, self.start = 0, 0
-
-    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
-        self.epoch, self.start = epoch, start_step * self.batch_size
-        self.sampler.set_epoch(epoch)
+        self.sampler = EpochSampler(len(images), seed, rank, world_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        order = torch.tensor(list(self.sampler)[self.start:], dtype=torch.long).to(self.device)
-        generator = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch))
+        order = torch.tensor(self.sampler.indices(), dtype=torch.long).to(self.device)
+        generator = torch.Generator().manual_seed(mix_seed(self.sampler.seed, self.sampler.epoch))
         params = {k: v.to(self.device) for k, v in augment_params(len(self.images), generator, self.rotation).items()}
         for i in range(0, len(order), self.batch_size):
             idx = order[i:i + self.batch_size]
             x = augment_batch(self.images[idx], **{k: v[idx] for k, v in params.items()})
             yield normalize_batch(x), self.labels[idx]
-
-    def __len__(self) -> int:
-        return -(-self.images_left // self.batch_size)
-
-    @property
-    def steps_per_epoch(self) -> int:
-        return -(-self.sampler.num_samples // self.batch_size)
-
-    @property
-    def images_left(self) -> int:
-        return self.sampler.num_samples - self.start
 
 
 class DeviceBatches:
