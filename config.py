@@ -83,6 +83,8 @@ class TrainConfig:
     amp: bool | None = _field(None, "bf16 autocast (CUDA only; default: on with CUDA)")
     channels_last: bool | None = _field(None, "channels-last memory format (default: on)")
     compile: bool = _field(False, "torch.compile the model (falls back to eager with a warning where unavailable)")
+    cuda_graph: bool | None = _field(None, "record the training step once as a CUDA graph and replay it (default: on "
+                                     "with CUDA, one process, the constant schedule and no --compile)")
     deterministic: bool = _field(False, "deterministic algorithms only: bit-identical reruns on one machine, slower; "
                                  "an op without a deterministic kernel stops the run (README)")
     sync_bn: bool = _field(False, "SyncBatchNorm across processes under torchrun")
@@ -108,7 +110,7 @@ RECIPES: dict[str, dict] = {
 # `deterministic` is one: it picks which kernels compute the same recipe (on the CPU the bits are the
 # same with and without it, tested), so a run may be resumed with or without it.
 RUN_ENVIRONMENT = {"epochs", "data_dir", "out", "device", "workers", "amp", "channels_last", "compile",
-                   "dist_timeout", "deterministic"}
+                   "cuda_graph", "dist_timeout", "deterministic"}
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -179,8 +181,10 @@ def resumed_config(given: dict, saved: dict, source: str) -> TrainConfig:
         if key not in RUN_ENVIRONMENT and value != saved.get(key):
             raise UsageError(f"--{key.replace('_', '-')} {value} differs from the resumed run's {saved.get(key)}; "
                              "a resumed run keeps its recipe (only --epochs and where and how fast it runs may change)")
+    # Whether to record a CUDA graph is decided again for the machine the run continues on.
+    platform = {"cuda_graph": None}
     try:
-        return TrainConfig(**{**saved, **given})
+        return TrainConfig(**{**saved, **platform, **given})
     except TypeError as e:
         raise UsageError(f"{source}: its config is unusable ({e})") from None
 

@@ -196,3 +196,21 @@ def save_summary(path: str | os.PathLike, *, history: Sequence[dict] | None, eva
         _note(axes[1, 2], "robustness not measured (--no-robustness)", "accuracy under corruption")
     fig.suptitle(title, fontsize=14)
     return _save(fig, Path(path))
+
+
+def save_run_comparison(histories: Mapping[str, Sequence[dict]], path: str | os.PathLike,
+                        eval_name: str = "val") -> Path:
+    """Training and selection-split accuracy per epoch of several runs, one colour per run:
+    solid lines train, dashed lines the selection split."""
+    fig = Figure(figsize=(7, 4.2))
+    ax = fig.add_subplot()
+    for i, (name, history) in enumerate(histories.items()):
+        epochs = [h["epoch"] for h in history]
+        ax.plot(epochs, [h["train_acc"] for h in history], color=f"C{i}", label=f"{name}: train")
+        ax.plot(epochs, [h["val_acc"] for h in history], color=f"C{i}", linestyle="--", label=f"{name}: {eval_name}")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("accuracy (%)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, Path(path))

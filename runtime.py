@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import importlib.util
+import inspect
 import os
 import random
 import shutil
@@ -117,14 +118,16 @@ class StopFlag:
 
 
 class Distributed:
-    """This process's place in a torchrun job; a single process is rank 0 of 1."""
+    """This process's place in a torchrun job; a process not started by torchrun is rank 0 of 1."""
 
-    def __init__(self, rank: int = 0, world_size: int = 1, local_rank: int = 0) -> None:
+    def __init__(self, rank: int = 0, world_size: int = 1, local_rank: int = 0, launched: bool | None = None) -> None:
         self.rank, self.world_size, self.local_rank = rank, world_size, local_rank
+        self.launched = world_size > 1 if launched is None else launched
 
     @property
     def enabled(self) -> bool:
-        return self.world_size > 1
+        """Whether a process group is in use: under torchrun, even with one process (DDP, NCCL or gloo)."""
+        return self.launched
 
     @property
     def is_main(self) -> bool:
@@ -156,9 +159,9 @@ def init_distributed(device_name: str, timeout_s: float) -> tuple[Distributed, t
 
     NCCL on CUDA (one GPU per process, by LOCAL_RANK), gloo on the CPU. A collective that waits
     longer than `timeout_s` (a process died or hangs) raises instead of hanging the job."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size <= 1:
+    if "WORLD_SIZE" not in os.environ:  # not started by torchrun
         return Distributed(), pick_device(device_name)
+    world_size = int(os.environ["WORLD_SIZE"])
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     device = pick_device(device_name)
     if device.type == "cuda":
@@ -172,7 +175,7 @@ def init_distributed(device_name: str, timeout_s: float) -> tuple[Distributed, t
     backend = "nccl" if device.type == "cuda" else "gloo"
     torch.distributed.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s),
                                          **({"device_id": device} if device.type == "cuda" else {}))
-    return Distributed(rank, world_size, local_rank), device
+    return Distributed(rank, world_size, local_rank, launched=True), device
 
 
 def close_distributed() -> None:
@@ -252,3 +255,13 @@ def compile_model(model: nn.Module, device: torch.device) -> nn.Module:
         print(f"warning: --compile: {problem}; running eager", file=sys.stderr)
         return model
     return torch.compile(model)
+
+
+def wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:
+    """DistributedDataParallel without the buffer broadcast at every forward: BatchNorm statistics
+    are shared once per epoch instead (Distributed.broadcast_buffers, before evaluation)."""
+    params = inspect.signature(nn.parallel.DistributedDataParallel).parameters
+    # torch 2.13 renamed the switch (broadcast_buffers is deprecated there); older releases know only the old name.
+    no_sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
+    return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                               **no_sync)

@@ -51,7 +51,6 @@ from model import build_model
 from runtime import (
     Distributed,
     StopFlag,
-    autocast,
     close_distributed,
     compile_model,
     convert_sync_batchnorm,
@@ -60,7 +59,9 @@ from runtime import (
     seed_everything,
     set_rng_state,
     use_deterministic_algorithms,
+    wrap_ddp,
 )
+from step import EagerStep, make_step
 
 BEST_NAME = "learn_rate_consistent_model.pth"  # the paper's file name for the best model
 LAST_NAME = "last.pth"
@@ -88,36 +89,28 @@ def _sync_point(sums: torch.Tensor, stop: StopFlag, dist: Distributed, bar: tqdm
     return stop_votes > 0
 
 
-def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, loss_fn: Callable, *,
-                    device: torch.device, amp: bool, channels_last: bool, stop: StopFlag, sums: torch.Tensor,
-                    start_step: int = 0, lr_for_step: Callable[[int], float] | None = None,
-                    dist: Distributed | None = None, desc: str = "") -> int:
+def train_one_epoch(train_step: EagerStep, loader, *, stop: StopFlag, sums: torch.Tensor, start_step: int = 0,
+                    lr_for_step: Callable[[int], float] | None = None, dist: Distributed | None = None,
+                    desc: str = "") -> int:
     """Train over the loader's remaining steps of this epoch, adding [loss sum, correct, images] of
     this process into `sums` (on the device: no host sync per step).
 
     Stops after a step when a stop was requested (single process), or at the next sync point where
     all processes agree (torchrun). Returns the step of the epoch reached."""
     dist = dist or Distributed()
-    model.train()
+    train_step.model.train()
     step = start_step
     bar = tqdm(total=loader.images_left * dist.world_size, desc=desc, unit="img", unit_scale=True, leave=False,
                dynamic_ncols=True, mininterval=1.0, disable=None if dist.is_main else True)
     every = max(1, min(50, len(loader) // 10))
     for x, y in loader:
         if lr_for_step is not None:
-            for group in optimizer.param_groups:
+            for group in train_step.optimizer.param_groups:
                 group["lr"] = lr_for_step(step)
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with autocast(device, amp):
-            logits = model(x)
-            loss = loss_fn(logits, y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        sums[0] += loss.detach().float() * len(y)
-        sums[1] += (logits.detach().argmax(1) == y).sum()
+        y = y.to(sums.device, non_blocking=True)
+        loss, logits = train_step(x, y)
+        sums[0] += loss.float() * len(y)
+        sums[1] += (logits.argmax(1) == y).sum()
         sums[2] += len(y)
         step += 1
         bar.update(len(y) * dist.world_size)
@@ -250,12 +243,29 @@ def load_best_weights(out: Path, progress: Progress, model: nn.Module, device: t
     return {k: v.to(device) for k, v in clean_state_dict(best["model"]).items()}
 
 
-def platform_defaults(cfg: TrainConfig, device: torch.device) -> TrainConfig:
+def cuda_graph_problem(cfg: TrainConfig, device: torch.device, distributed: bool = False) -> str | None:
+    """Why the training step cannot be recorded as a CUDA graph in this run (None: it can)."""
+    if device.type != "cuda":
+        return "it needs a CUDA device"
+    if cfg.schedule != "constant":
+        return "the graph records the learning rate, so it needs --schedule constant"
+    if distributed:
+        return "it runs in a single process, not under torchrun"
+    if cfg.compile:
+        return "it is not combined with --compile"
+    return None
+
+
+def platform_defaults(cfg: TrainConfig, device: torch.device, distributed: bool = False) -> TrainConfig:
     """Fill the settings left to the platform (None) with what measured faster there (README)."""
+    graph_problem = cuda_graph_problem(cfg, device, distributed)
+    if cfg.cuda_graph and graph_problem:
+        raise UsageError(f"--cuda-graph: {graph_problem}; run without --cuda-graph")
     return dataclasses.replace(
         cfg,
         amp=device.type == "cuda" if cfg.amp is None else cfg.amp,
         channels_last=True if cfg.channels_last is None else cfg.channels_last,
+        cuda_graph=graph_problem is None if cfg.cuda_graph is None else cfg.cuda_graph,
     )
 
 
@@ -295,6 +305,7 @@ class Run:
     dist: Distributed
     model: nn.Module  # what trains: maybe compiled, maybe wrapped in DistributedDataParallel
     optimizer: torch.optim.Optimizer
+    train_step: EagerStep  # forward, backward and SGD step: eager or a CUDA graph
     loader: DeviceLoader | TorchvisionLoader
     sel_loader: object  # batches of the selection split
     sel_name: str  # "val" or "test"
@@ -316,6 +327,8 @@ def build_training(cfg: TrainConfig, device: torch.device, dist: Distributed) ->
     """The seeded model (SyncBatchNorm, channels-last as asked) and its SGD optimizer."""
     if cfg.deterministic:
         use_deterministic_algorithms(device)
+    elif device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN time its algorithms once
     seed_everything(cfg.seed)
     model = build_model(cfg.arch, cfg.num_classes).to(device)
     if cfg.sync_bn and dist.enabled:
@@ -351,7 +364,7 @@ def start_run(cfg: TrainConfig, resume: str | None, resume_ckpt: dict | None, ov
     if cfg.batch_size % dist.world_size:
         raise UsageError(f"--batch-size {cfg.batch_size} is the global batch and must divide evenly "
                          f"over {dist.world_size} processes")
-    cfg = platform_defaults(cfg, device)
+    cfg = platform_defaults(cfg, device, dist.enabled)
     model, optimizer = build_training(cfg, device, dist)
     progress = restore(resume_ckpt, resume, model, optimizer) if resume_ckpt is not None else Progress()
     check_output(cfg, progress, resume, overwrite, model, dist)
@@ -362,12 +375,14 @@ def start_run(cfg: TrainConfig, resume: str | None, resume_ckpt: dict | None, ov
     if cfg.compile:
         model = compile_model(model, device)
     if dist.enabled:
-        # BatchNorm statistics are shared once per epoch (broadcast_buffers in end_epoch), not at every step.
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
-                                                    else None, forward_sync_buffers=False)
-    run = Run(cfg, Path(cfg.out), device, dist, model, optimizer, loader, sel_loader, sel_name, progress, best_weights)
+        model = wrap_ddp(model, device)
+    train_step = make_step(model, optimizer, functools.partial(F.cross_entropy, label_smoothing=cfg.label_smoothing),
+                           device=device, amp=cfg.amp, channels_last=cfg.channels_last, cuda_graph=cfg.cuda_graph,
+                           batch_size=loader.batch_size)
+    run = Run(cfg, Path(cfg.out), device, dist, model, optimizer, train_step, loader, sel_loader, sel_name, progress,
+              best_weights)
     run.say(f"{summary}; device {device}, {dist.world_size} process(es); amp {cfg.amp}, channels_last "
-            f"{cfg.channels_last}, compile {cfg.compile}; run {progress.run_id}"
+            f"{cfg.channels_last}, compile {cfg.compile}, cuda_graph {cfg.cuda_graph}; run {progress.run_id}"
             f"{f', resumed after epoch {progress.epoch} step {progress.step}' if resume_ckpt else ''}")
     if device.type == "cpu":
         minutes = loader.images_left * dist.world_size / CPU_IMAGES_PER_SECOND / 60
@@ -386,11 +401,8 @@ def train_epoch(run: Run, epoch: int, stop: StopFlag) -> tuple[int, list[float],
     sums = torch.tensor(progress.partial if run.dist.is_main else [0.0] * 3, device=run.device)
     start = time.perf_counter()
     try:
-        step = train_one_epoch(run.model, run.loader, run.optimizer,
-                               functools.partial(F.cross_entropy, label_smoothing=cfg.label_smoothing),
-                               device=run.device, amp=cfg.amp, channels_last=cfg.channels_last, stop=stop,
-                               sums=sums, start_step=progress.step, dist=run.dist,
-                               desc=f"epoch {epoch}/{cfg.epochs}", lr_for_step=run.lr_schedule(epoch))
+        step = train_one_epoch(run.train_step, run.loader, stop=stop, sums=sums, start_step=progress.step,
+                               dist=run.dist, desc=f"epoch {epoch}/{cfg.epochs}", lr_for_step=run.lr_schedule(epoch))
     except NonFiniteLoss:
         raise NonFiniteLoss(f"the training loss became non-finite in epoch {epoch}; stopped. "
                             f"{run.out / LAST_NAME} still holds the state after epoch {progress.epoch}; "

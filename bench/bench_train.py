@@ -32,11 +32,12 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from config import TrainConfig
+from config import TrainConfig, fresh_config
 from data import DeviceLoader, TorchvisionLoader, default_workers, load_cifar10, make_eval_loader
 from evaluate import evaluate
 from model import build_model
 from runtime import StopFlag, compile_model, pick_device
+from step import make_step
 from train import EVAL_BATCH, platform_defaults, train_one_epoch
 
 
@@ -51,17 +52,22 @@ class Setup:
     fused: bool
     compile: bool = False
     batch_size: int = 64
+    cuda_graph: bool = False
 
 
 def setups(device: torch.device, extra: list[str]) -> list[Setup]:
     fast = platform_defaults(TrainConfig(), device)
+    graph = ", CUDA graph" if fast.cuda_graph else ""
     out = [Setup("reference: torchvision loader, eager, fp32, NCHW", "torchvision", False, False, False),
-           Setup(f"default: device loader, amp {fast.amp}, channels_last {fast.channels_last}, fused SGD",
-                 "device", fast.amp, fast.channels_last, True)]
-    if "compile" in extra:
-        out.append(dataclasses.replace(out[1], name=out[1].name + ", compile", compile=True))
-    if "fast-recipe" in extra:
-        out.append(dataclasses.replace(out[1], name=out[1].name + ", batch 512 (--recipe fast)", batch_size=512))
+           Setup(f"default: device loader, amp {fast.amp}, channels_last {fast.channels_last}, fused SGD{graph}",
+                 "device", fast.amp, fast.channels_last, True, cuda_graph=fast.cuda_graph)]
+    if "compile" in extra:  # train.py's --compile: no CUDA graph on top of it
+        out.append(dataclasses.replace(out[1], name=out[1].name.removesuffix(graph) + ", compile", compile=True,
+                                       cuda_graph=False))
+    if "fast-recipe" in extra:  # its linear schedule changes the lr every step: no CUDA graph
+        recipe = platform_defaults(fresh_config({"recipe": "fast"}), device)
+        out.append(dataclasses.replace(out[1], name=out[1].name.removesuffix(graph) + ", batch 512 (--recipe fast)",
+                                       batch_size=recipe.batch_size, cuda_graph=recipe.cuda_graph))
     return out
 
 
@@ -105,6 +111,9 @@ class Trainer:
         self.optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9,
                                          **({"fused": True} if setup.fused else {}))
         self.model = compile_model(model, device) if setup.compile else model
+        self.step = make_step(self.model, self.optimizer, F.cross_entropy, device=device, amp=setup.amp,
+                              channels_last=setup.channels_last, cuda_graph=setup.cuda_graph,
+                              batch_size=setup.batch_size)
         n = setup.batch_size * steps
         self.loader = make_loader(setup.loader, images[:n], labels[:n], setup.batch_size, device, workers)
         self.epoch = 0
@@ -117,8 +126,7 @@ class Trainer:
         sync(self.device)
         start = time.perf_counter()
         with StopFlag() as stop:
-            train_one_epoch(self.model, self.loader, self.optimizer, F.cross_entropy, device=self.device,
-                            amp=self.setup.amp, channels_last=self.setup.channels_last, stop=stop, sums=sums)
+            train_one_epoch(self.step, self.loader, stop=stop, sums=sums)
         sync(self.device)
         return sums[2].item() / (time.perf_counter() - start)
 
@@ -165,6 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3, help="timed repeats of each configuration (median counts)")
     p.add_argument("--extra", nargs="*", default=[], choices=["compile", "fast-recipe"],
                    help="also time these variants of the default configuration")
+    p.add_argument("--eval-images", type=int, default=None,
+                   help="test images timed in evaluation (default: all on a GPU, 2,000 on the CPU)")
     p.add_argument("--json", default=None, help="where to write the results (default: bench/results-<device>.json)")
     args = p.parse_args(argv)
     device = pick_device(args.device)
@@ -197,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
                                      "ratio": statistics.median(paired), "paired_ratios": paired,
                                      "ratio_of_medians": statistics.median(values) / reference}
 
-    n_eval = len(data.test_images) if device.type == "cuda" else 2000
+    n_eval = args.eval_images or (len(data.test_images) if device.type == "cuda" else 2000)
     default = trainers[1].setup
     results["evaluation"]["reference (DataLoader, NCHW)"] = eval_rate(
         False, False, data.test_images[:n_eval], data.test_labels[:n_eval], device, workers)
