@@ -306,18 +306,26 @@ def _train_paper(args, plan: Plan, out: Path, clock: Clock, name: str, flags: li
 
 
 def stage_paper(args, plan: Plan, out: Path, clock: Clock) -> dict:
-    return _train_paper(args, plan, out, clock, "paper", [], plan.paper_epochs)
+    result = _train_paper(args, plan, out, clock, "paper", [], plan.paper_epochs)
+    if result["status"] == "failed" and plan.device == "cuda" and clock.left() > 120:
+        # A run that could not even finish its first epoch: once more without the CUDA graph, so
+        # that the run still yields its figures; the failure stays in the report and the log.
+        retry = _train_paper(args, plan, out, clock, "paper", ["--no-cuda-graph", "--overwrite"], plan.paper_epochs)
+        retry["first_try"] = result
+        return retry
+    return result
 
 
 def stage_reading(args, plan: Plan, out: Path, clock: Clock, paper: dict) -> dict:
     """The other reading of the paper's reload, for as many epochs as fit (30 at least)."""
     from config import TrainConfig
     flag = "--no-reload-best" if TrainConfig().reload_best else "--reload-best"
+    same = [f for f in paper.get("flags", "").split() if f == "--no-cuda-graph"]  # as the paper run went
     per_epoch = paper.get("seconds_per_epoch") or 10.0
     epochs = min(plan.paper_epochs, int((clock.left() - 2 * EVAL_RESERVE) / (per_epoch * 1.1)))
     if epochs < min(30, plan.paper_epochs) and not (out / "reading" / "last.pth").is_file():
         return {"status": "skipped", "reason": f"{clock.left():.0f} s left: fewer than 30 epochs would fit"}
-    result = _train_paper(args, plan, out, clock, "reading", [flag], epochs)
+    result = _train_paper(args, plan, out, clock, "reading", [flag, *same], epochs)
     histories = {name: read_history(out / name / "history.json") for name in ("paper", "reading")}
     if all(histories.values()):
         import plots
