@@ -61,9 +61,14 @@ def setups(device: torch.device, extra: list[str]) -> list[Setup]:
     out = [Setup("reference: torchvision loader, eager, fp32, NCHW", "torchvision", False, False, False),
            Setup(f"default: device loader, amp {fast.amp}, channels_last {fast.channels_last}, fused SGD{graph}",
                  "device", fast.amp, fast.channels_last, True, cuda_graph=fast.cuda_graph)]
+    if "fp32" in extra and out[1].amp:  # the default without bf16 autocast (on the CPU it is the default)
+        out.append(dataclasses.replace(out[1], name=out[1].name.replace("amp True", "amp False"), amp=False))
     if "compile" in extra:  # train.py's --compile: no CUDA graph on top of it
         out.append(dataclasses.replace(out[1], name=out[1].name.removesuffix(graph) + ", compile", compile=True,
                                        cuda_graph=False))
+    if "compile-graph" in extra and device.type == "cuda":  # torch.compile inside the recorded graph
+        out.append(dataclasses.replace(out[1], name=out[1].name.removesuffix(graph) + ", compile, CUDA graph",
+                                       compile=True, cuda_graph=True))
     if "fast-recipe" in extra:  # its linear schedule changes the lr every step: no CUDA graph
         recipe = platform_defaults(fresh_config({"recipe": "fast"}), device)
         out.append(dataclasses.replace(out[1], name=out[1].name.removesuffix(graph) + ", batch 512 (--recipe fast)",
@@ -171,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="auto")
     p.add_argument("--steps", type=int, default=None, help="timed training steps per repeat (CPU 10, GPU 300)")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats of each configuration (median counts)")
-    p.add_argument("--extra", nargs="*", default=[], choices=["compile", "fast-recipe"],
+    p.add_argument("--extra", nargs="*", default=[], choices=["compile", "compile-graph", "fp32", "fast-recipe"],
                    help="also time these variants of the default configuration")
     p.add_argument("--eval-images", type=int, default=None,
                    help="test images timed in evaluation (default: all on a GPU, 2,000 on the CPU)")

@@ -152,7 +152,8 @@ def test_cuda_graph_step_trains_as_eager_steps_do():
         assert graph_step.graph is not None and graph_step.failed is None
         assert graph_step.replays == 5 and graph_step.eager_steps == 3
         assert graph_losses == pytest.approx(eager_losses, rel=2e-2)
-        assert graph_losses[-1] < graph_losses[0]
+        initial = _model_and_batch()[0].state_dict()["conv1.weight"]
+        assert not torch.equal(graph_model.state_dict()["conv1.weight"], initial)  # the replays did train
         for (name, a), b in zip(eager_model.state_dict().items(), graph_model.state_dict().values(), strict=True):
             torch.testing.assert_close(a.float(), b.float(), rtol=5e-2, atol=5e-3, msg=name)
 
