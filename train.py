@@ -8,8 +8,9 @@
 
 After every epoch the model is evaluated on the selection split (a fixed, class-stratified
 hold-out of --val-size training images; the test set with --val-size 0, as the paper did). If its
-accuracy beats the best so far the weights are saved to model/learn_rate_consistent_model.pth;
-otherwise the best weights are reloaded before the next epoch (--no-reload-best turns that off).
+accuracy beats the best so far the weights are saved to model/learn_rate_consistent_model.pth
+and training goes on (--reload-best instead goes back to the best weights after an epoch that did
+not improve: the other reading of the paper's sentence; README, "The paper's reload").
 model/last.pth holds the full state after every epoch (and at Ctrl-C), history.json the curves'
 numbers; loss_curve.png and accuracy_curve.png are drawn at the end.
 """
@@ -191,6 +192,20 @@ def prepare_output(out: Path, *, resuming_run: str | None, overwrite: bool) -> N
                              "choose another --out, or pass --overwrite to replace it")
 
 
+def free_default_out(out: Path) -> str:
+    """The default --out (model/) unless it holds checkpoints already (the shipped model, or an
+    earlier run's): then a new folder under runs/, said in one line, so that a plain
+    `python train.py` neither replaces them nor stops."""
+    taken = [name for name in (BEST_NAME, LAST_NAME) if (out / name).exists()]
+    if not taken:
+        return str(out)
+    new = Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+    resume = f"; --resume {out / LAST_NAME} continues that run" if LAST_NAME in taken else ""
+    print(f"note: {out}/ already holds {', '.join(taken)}; this run writes to {new}/ instead "
+          f"(--out {out} --overwrite replaces them{resume})")
+    return str(new)
+
+
 def load_resume(path: str) -> dict:
     """Load a last.pth for --resume, or say why it cannot be resumed from."""
     ckpt = load_checkpoint(path)
@@ -244,15 +259,15 @@ def load_best_weights(out: Path, progress: Progress, model: nn.Module, device: t
 
 
 def cuda_graph_problem(cfg: TrainConfig, device: torch.device, distributed: bool = False) -> str | None:
-    """Why the training step cannot be recorded as a CUDA graph in this run (None: it can)."""
+    """Why the training step cannot be recorded as a CUDA graph in this run (None: it can). With
+    --compile the compiled model's kernels are what the graph records (measured faster than either
+    alone: README, "Speed on a GPU")."""
     if device.type != "cuda":
         return "it needs a CUDA device"
     if cfg.schedule != "constant":
         return "the graph records the learning rate, so it needs --schedule constant"
     if distributed:
         return "it runs in a single process, not under torchrun"
-    if cfg.compile:
-        return "it is not combined with --compile"
     return None
 
 
@@ -498,6 +513,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         resume_ckpt = load_resume(resume) if resume else None
         cfg = resumed_config(given, resume_ckpt["config"], resume) if resume_ckpt else fresh_config(given)
+        if not resume and "out" not in given and not getattr(args, "overwrite", False):
+            cfg = dataclasses.replace(cfg, out=free_default_out(Path(cfg.out)))
         dist, device = init_distributed(cfg.device, cfg.dist_timeout)
         return fit(cfg, resume=resume, resume_ckpt=resume_ckpt, overwrite=getattr(args, "overwrite", False),
                    dist=dist, device=device)

@@ -63,10 +63,10 @@ def setups(device: torch.device, extra: list[str]) -> list[Setup]:
                  "device", fast.amp, fast.channels_last, True, cuda_graph=fast.cuda_graph)]
     if "fp32" in extra and out[1].amp:  # the default without bf16 autocast (on the CPU it is the default)
         out.append(dataclasses.replace(out[1], name=out[1].name.replace("amp True", "amp False"), amp=False))
-    if "compile" in extra:  # train.py's --compile: no CUDA graph on top of it
+    if "compile" in extra:  # torch.compile alone
         out.append(dataclasses.replace(out[1], name=out[1].name.removesuffix(graph) + ", compile", compile=True,
                                        cuda_graph=False))
-    if "compile-graph" in extra and device.type == "cuda":  # torch.compile inside the recorded graph
+    if "compile-graph" in extra and device.type == "cuda":  # train.py's --compile on CUDA: compiled kernels in a graph
         out.append(dataclasses.replace(out[1], name=out[1].name.removesuffix(graph) + ", compile, CUDA graph",
                                        compile=True, cuda_graph=True))
     if "fast-recipe" in extra:  # its linear schedule changes the lr every step: no CUDA graph

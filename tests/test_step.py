@@ -41,7 +41,7 @@ def test_a_cuda_graph_step_needs_cuda():
     ({}, CPU, False, False),
     ({}, CUDA, False, True),  # the paper's recipe on a GPU
     ({"recipe": "fast"}, CUDA, False, False),  # linear schedule: the lr changes every step
-    ({"compile": True}, CUDA, False, False),
+    ({"compile": True}, CUDA, False, True),  # the compiled kernels are recorded
     ({}, CUDA, True, False),  # under torchrun
 ])
 def test_the_graph_is_the_default_where_it_can_work(flags, device, distributed, graph):

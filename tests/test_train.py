@@ -35,11 +35,11 @@ def test_defaults_are_the_papers_recipe_and_every_field_is_a_flag():
     cfg = TrainConfig()
     assert (cfg.arch, cfg.epochs, cfg.batch_size, cfg.lr, cfg.momentum, cfg.weight_decay) == \
         ("resnet9", 100, 64, 0.01, 0.9, 0.0)
-    assert cfg.reload_best and cfg.val_size == 5000
+    assert not cfg.reload_best and cfg.val_size == 5000
     options = get_options()
     for name in TrainConfig.__dataclass_fields__:
         assert "--" + name.replace("_", "-") in options
-    assert {"--resume", "--amp", "--no-reload-best", "--channels-last"} <= options
+    assert {"--resume", "--amp", "--reload-best", "--no-reload-best", "--channels-last"} <= options
 
 
 def get_options():
@@ -72,7 +72,7 @@ def _scripted_accuracies(monkeypatch, accuracies):
 @pytest.mark.parametrize("reload_best", [True, False])
 def test_best_weights_are_reloaded_after_a_worse_epoch(tiny_cifar, tmp_path, monkeypatch, reload_best):
     _scripted_accuracies(monkeypatch, [50.0, 40.0, 30.0])
-    flag = [] if reload_best else ["--no-reload-best"]
+    flag = ["--reload-best"] if reload_best else []  # the default saves the best and goes on
     assert train.main(tiny_train_args(tiny_cifar, tmp_path, "--epochs", "3", *flag)) == 0
     best = load_checkpoint(tmp_path / train.BEST_NAME)
     last = load_checkpoint(tmp_path / train.LAST_NAME)
@@ -204,3 +204,21 @@ def test_unwritable_output_fails_before_training(tiny_cifar, tmp_path, capsys):
     assert train.main(tiny_train_args(tiny_cifar, blocker / "out")) == 2
     err = capsys.readouterr().err
     assert "cannot write to --out" in err and err.count("\n") == 1
+
+
+def test_plain_run_beside_a_shipped_checkpoint_writes_elsewhere(tiny_cifar, trained_run, tmp_path, monkeypatch,
+                                                                capsys):
+    """`python train.py` with no --out, where model/ already holds a checkpoint (the shipped one):
+    the run goes to a new folder under runs/, says so in one line, and leaves model/ as it was."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "model").mkdir()
+    shipped = (trained_run / train.BEST_NAME).read_bytes()
+    (tmp_path / "model" / train.BEST_NAME).write_bytes(shipped)
+    args = ["--data-dir", str(tiny_cifar), "--epochs", "1", "--val-size", "20", "--workers", "0", "--device", "cpu"]
+    assert train.main(args) == 0
+    note = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("note: model/"))
+    assert "--out model --overwrite replaces them" in note
+    runs = list((tmp_path / "runs").iterdir())
+    assert len(runs) == 1 and (runs[0] / train.BEST_NAME).is_file() and (runs[0] / train.LAST_NAME).is_file()
+    assert (tmp_path / "model" / train.BEST_NAME).read_bytes() == shipped
+    assert sorted(p.name for p in (tmp_path / "model").iterdir()) == [train.BEST_NAME]
