@@ -82,7 +82,8 @@ class TrainConfig:
                                "and training goes on, the reading that gives the paper's curves; README)")
     loader: str = _field("device", "device: data held and augmented on the training device; torchvision: "
                          "the paper's PIL pipeline in DataLoader workers", str, choices=("device", "torchvision"))
-    amp: bool | None = _field(None, "bf16 autocast (CUDA only; default: on with CUDA)")
+    amp: bool | None = _field(None, "bf16 autocast (default: on with CUDA, and on a CPU with native bf16: AMX or "
+                              "AVX512-BF16)")
     channels_last: bool | None = _field(None, "channels-last memory format (default: on)")
     compile: bool = _field(False, "torch.compile the model (falls back to eager with a warning where unavailable)")
     cuda_graph: bool | None = _field(None, "record the training step once as a CUDA graph and replay it (default: on "
@@ -183,8 +184,8 @@ def resumed_config(given: dict, saved: dict, source: str) -> TrainConfig:
         if key not in RUN_ENVIRONMENT and value != saved.get(key):
             raise UsageError(f"--{key.replace('_', '-')} {value} differs from the resumed run's {saved.get(key)}; "
                              "a resumed run keeps its recipe (only --epochs and where and how fast it runs may change)")
-    # Whether to record a CUDA graph is decided again for the machine the run continues on.
-    platform = {"cuda_graph": None}
+    # bf16 and the CUDA graph are decided again for the machine the run continues on.
+    platform = {"amp": None, "cuda_graph": None}
     try:
         return TrainConfig(**{**saved, **platform, **given})
     except TypeError as e:

@@ -54,6 +54,7 @@ from runtime import (
     StopFlag,
     close_distributed,
     compile_model,
+    default_amp,
     convert_sync_batchnorm,
     init_distributed,
     rng_state,
@@ -278,7 +279,7 @@ def platform_defaults(cfg: TrainConfig, device: torch.device, distributed: bool 
         raise UsageError(f"--cuda-graph: {graph_problem}; run without --cuda-graph")
     return dataclasses.replace(
         cfg,
-        amp=device.type == "cuda" if cfg.amp is None else cfg.amp,
+        amp=default_amp(device)[0] if cfg.amp is None else cfg.amp,
         channels_last=True if cfg.channels_last is None else cfg.channels_last,
         cuda_graph=graph_problem is None if cfg.cuda_graph is None else cfg.cuda_graph,
     )
@@ -379,6 +380,7 @@ def start_run(cfg: TrainConfig, resume: str | None, resume_ckpt: dict | None, ov
     if cfg.batch_size % dist.world_size:
         raise UsageError(f"--batch-size {cfg.batch_size} is the global batch and must divide evenly "
                          f"over {dist.world_size} processes")
+    amp_why = default_amp(device)[1] if cfg.amp is None else ("--amp" if cfg.amp else "--no-amp")
     cfg = platform_defaults(cfg, device, dist.enabled)
     model, optimizer = build_training(cfg, device, dist)
     progress = restore(resume_ckpt, resume, model, optimizer) if resume_ckpt is not None else Progress()
@@ -396,7 +398,7 @@ def start_run(cfg: TrainConfig, resume: str | None, resume_ckpt: dict | None, ov
                            batch_size=loader.batch_size)
     run = Run(cfg, Path(cfg.out), device, dist, model, optimizer, train_step, loader, sel_loader, sel_name, progress,
               best_weights)
-    run.say(f"{summary}; device {device}, {dist.world_size} process(es); amp {cfg.amp}, channels_last "
+    run.say(f"{summary}; device {device}, {dist.world_size} process(es); amp {cfg.amp} ({amp_why}), channels_last "
             f"{cfg.channels_last}, compile {cfg.compile}, cuda_graph {cfg.cuda_graph}; run {progress.run_id}"
             f"{f', resumed after epoch {progress.epoch} step {progress.step}' if resume_ckpt else ''}")
     if device.type == "cpu":

@@ -44,9 +44,14 @@ def test_resumed_config_keeps_the_recipe():
         resumed_config({}, {**saved, "bogus": 1}, "last.pth")
 
 
-def test_platform_defaults():
+@pytest.mark.parametrize(("features", "amp"), [({"avx2"}, False), ({"avx2", "avx512f"}, False),
+                                               ({"avx512f", "avx512_bf16"}, True), ({"amx_bf16", "amx_tile"}, True)])
+def test_platform_defaults(monkeypatch, features, amp):
+    """bf16 by default on CUDA and on a CPU with native bf16 (AMX or AVX512-BF16), fp32 elsewhere."""
+    monkeypatch.setattr(runtime, "cpu_features", lambda: features)
     cpu = train.platform_defaults(TrainConfig(), torch.device("cpu"))
-    assert cpu.amp is False and cpu.channels_last is True
+    assert cpu.amp is amp and cpu.channels_last is True
+    assert runtime.default_amp(torch.device("cpu"))[1].startswith("bf16" if amp else "fp32")
     cuda = train.platform_defaults(TrainConfig(), torch.device("cuda"))
     assert cuda.amp is True and cuda.channels_last is True
     forced = train.platform_defaults(TrainConfig(amp=False, channels_last=False), torch.device("cuda"))

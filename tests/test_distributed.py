@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def torchrun(*args: str, nproc: int = 2, timeout: float = 240) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           str(ROOT / "train.py"), "--device", "cpu", *args]
+           str(ROOT / "train.py"), "--device", "cpu", "--no-amp", *args]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
 

@@ -11,7 +11,7 @@ def test_short_cpu_training_beats_chance_on_held_out_images(proxy_dir, tmp_path)
     leaves room for other CPUs' floating-point differences while still failing a broken pipeline
     (labels shuffled against images, wrong normalisation, augmentation that destroys the image)."""
     args = ["--data-dir", str(proxy_dir), "--out", str(tmp_path), "--subset", "2000", "--val-size", "1000",
-            "--epochs", "2", "--device", "cpu", "--seed", "0", "--no-reload-best"]
+            "--epochs", "2", "--device", "cpu", "--seed", "0", "--no-reload-best", "--no-amp"]
     assert train.main(args) == 0
     best = load_checkpoint(tmp_path / train.BEST_NAME)
     assert best["metrics"]["val_acc"] >= 20.0

@@ -214,7 +214,7 @@ def test_plain_run_beside_a_shipped_checkpoint_writes_elsewhere(tiny_cifar, trai
     (tmp_path / "model").mkdir()
     shipped = (trained_run / train.BEST_NAME).read_bytes()
     (tmp_path / "model" / train.BEST_NAME).write_bytes(shipped)
-    args = ["--data-dir", str(tiny_cifar), "--epochs", "1", "--val-size", "20", "--workers", "0", "--device", "cpu"]
+    args = ["--data-dir", str(tiny_cifar), "--epochs", "1", "--val-size", "20", "--workers", "0", "--device", "cpu", "--no-amp"]
     assert train.main(args) == 0
     note = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("note: model/"))
     assert "--out model --overwrite replaces them" in note
