@@ -184,8 +184,9 @@ def resumed_config(given: dict, saved: dict, source: str) -> TrainConfig:
         if key not in RUN_ENVIRONMENT and value != saved.get(key):
             raise UsageError(f"--{key.replace('_', '-')} {value} differs from the resumed run's {saved.get(key)}; "
                              "a resumed run keeps its recipe (only --epochs and where and how fast it runs may change)")
-    # bf16 and the CUDA graph are decided again for the machine the run continues on.
-    platform = {"amp": None, "cuda_graph": None}
+    # Whether to record a CUDA graph is decided again for the machine the run continues on (the same
+    # arithmetic either way); bf16 stays as the run began unless --amp/--no-amp is given.
+    platform = {"cuda_graph": None}
     try:
         return TrainConfig(**{**saved, **platform, **given})
     except TypeError as e:

@@ -45,7 +45,7 @@ from data import (
     read_meta,
     to_device_images,
 )
-from runtime import autocast, pick_device
+from runtime import autocast, default_amp, pick_device
 
 IMAGE_SIZE = 32  # pixels; the network's input side
 ERRORS_SHOWN = 24  # the most confidently wrong test images drawn in confident_errors.png
@@ -123,9 +123,9 @@ def channels_last(device: torch.device) -> bool:
     return device.type in ("cpu", "cuda")
 
 
-def tta_report(model: nn.Module, loader, device: torch.device, plain_accuracy: float) -> dict:
+def tta_report(model: nn.Module, loader, device: torch.device, plain_accuracy: float, amp: bool = False) -> dict:
     """Accuracy, loss and ECE with horizontal-flip averaging, and its gain over the plain accuracy."""
-    logits, labels = predict(model, loader, device, tta=True, channels_last=channels_last(device))
+    logits, labels = predict(model, loader, device, amp=amp, tta=True, channels_last=channels_last(device))
     accuracy = metrics.top_k_accuracy(logits, labels, 1)
     return {"accuracy": accuracy, "loss": F.cross_entropy(logits, labels).item(),
             "ece": calibration(logits.softmax(1), labels)["ece"], "gain": accuracy - plain_accuracy}
@@ -141,22 +141,22 @@ def corrupted_batches(images: np.ndarray, labels: np.ndarray, name: str, severit
 
 
 def robustness(model: nn.Module, images: np.ndarray, labels: np.ndarray, device: torch.device, *,
-               batch_size: int = 500, seed: int = 0) -> dict[str, list[float]]:
+               batch_size: int = 500, seed: int = 0, amp: bool = False) -> dict[str, list[float]]:
     """Top-1 accuracy (%, no TTA) under every corruption at severities 1..3, seeded by `seed`."""
     passes = [(name, s) for name, levels in corruptions.SEVERITIES.items() for s in range(1, len(levels) + 1)]
     accuracy: dict[str, list[float]] = {name: [] for name in corruptions.SEVERITIES}
     for name, severity in tqdm(passes, desc="robustness", unit="pass", leave=False, disable=None):
         batches = corrupted_batches(images, labels, name, severity, seed, batch_size, device)
-        logits, y = predict(model, batches, device, channels_last=channels_last(device))
+        logits, y = predict(model, batches, device, amp=amp, channels_last=channels_last(device))
         accuracy[name].append(metrics.top_k_accuracy(logits, y, 1))
     return accuracy
 
 
 def robustness_report(model: nn.Module, images: np.ndarray, labels: np.ndarray, device: torch.device,
-                      batch_size: int, seed: int) -> dict:
+                      batch_size: int, seed: int, amp: bool = False) -> dict:
     """The robustness accuracies with their mean per severity, the parameters, units and time taken."""
     start = time.perf_counter()
-    accuracy = robustness(model, images, labels, device, batch_size=batch_size, seed=seed)
+    accuracy = robustness(model, images, labels, device, batch_size=batch_size, seed=seed, amp=amp)
     return {"seed": seed, "accuracy": accuracy,
             "mean_accuracy": np.mean(list(accuracy.values()), axis=0).tolist(),
             "parameters": {k: list(v) for k, v in corruptions.SEVERITIES.items()},
@@ -172,10 +172,10 @@ def confident_errors(probs: torch.Tensor, labels: torch.Tensor, n: int = ERRORS_
                                   strict=True)]
 
 
-def plain_report(model: nn.Module, loader, device: torch.device) -> dict:
+def plain_report(model: nn.Module, loader, device: torch.device, amp: bool = False) -> dict:
     """Loss, accuracies, per-class accuracy, confusion matrix, calibration and the confident errors."""
     start = time.perf_counter()
-    logits, y = predict(model, loader, device, channels_last=channels_last(device))
+    logits, y = predict(model, loader, device, amp=amp, channels_last=channels_last(device))
     report = classification_report(logits, y, CLASSES)
     probs = logits.softmax(1)
     report.update(seconds=round(time.perf_counter() - start, 2), top3_accuracy=metrics.top_k_accuracy(logits, y, 3),
@@ -187,10 +187,10 @@ def evaluate_test_set(model: nn.Module, images: np.ndarray, labels: np.ndarray, 
                       args: argparse.Namespace) -> dict:
     """Measure and print part by part, so the plain numbers show before the long robustness passes."""
     loader = make_eval_loader(images, labels, args.batch_size, workers=0, device=device, on_device=True)
-    report = plain_report(model, loader, device)
-    print(f"{args.checkpoint}: {report['n']} test images in {report['seconds']:.1f}s on {device}")
+    report = plain_report(model, loader, device, args.amp)
+    print(f"{args.checkpoint}: {report['n']} test images in {report['seconds']:.1f}s on {device} ({args.amp_why})")
     print_plain(report)
-    report["tta"] = tta_report(model, loader, device, report["accuracy"]) if args.tta else None
+    report["tta"] = tta_report(model, loader, device, report["accuracy"], args.amp) if args.tta else None
     if report["tta"]:
         print_tta(report["tta"], report["accuracy"])
     report["robustness"] = None
@@ -202,7 +202,7 @@ def evaluate_test_set(model: nn.Module, images: np.ndarray, labels: np.ndarray, 
     elif args.robustness is not False:
         print(f"robustness: {passes} more passes over the {report['n']} images, about "
               f"{minutes:.1f} min here (--no-robustness skips them)")
-        report["robustness"] = robustness_report(model, images, labels, device, args.batch_size, args.seed)
+        report["robustness"] = robustness_report(model, images, labels, device, args.batch_size, args.seed, args.amp)
         print_robustness(report["robustness"], report["accuracy"])
     return report
 
@@ -300,7 +300,7 @@ def _image_error(e: Exception) -> str:
 
 
 def classify_files(model: nn.Module, paths: Sequence[str], device: torch.device, batch_size: int,
-                   tta: bool = False) -> int:
+                   tta: bool = False, amp: bool = False) -> int:
     """Print the top-3 classes of each image file; 1 if any file could not be read (the rest still run)."""
     images, readable = [], []
     for path in paths:
@@ -312,7 +312,7 @@ def classify_files(model: nn.Module, paths: Sequence[str], device: torch.device,
     if images:
         loader = make_eval_loader(np.stack(images), np.zeros(len(images), dtype=np.int64), batch_size, workers=0,
                                   device=device, on_device=True)
-        logits, _ = predict(model, loader, device, tta=tta, channels_last=channels_last(device))
+        logits, _ = predict(model, loader, device, amp=amp, tta=tta, channels_last=channels_last(device))
         for path, top in zip(readable, metrics.top_k_classes(logits.softmax(1), CLASSES, 3), strict=True):
             print(f"{path}: " + ", ".join(f"{name} {100 * p:.1f}%" for name, p in top))
     return 0 if len(readable) == len(paths) else 1
@@ -337,6 +337,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "about 18 min for 10,000 images on 2 CPU cores (default: on, except on the CPU)")
     p.add_argument("--seed", type=int, default=0, help="seed of the corruption noise (default 0)")
     p.add_argument("--limit", type=int, default=0, help="evaluate the first N test images only (0: all)")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                   help="bf16 autocast (default: as train.py decides, on with CUDA and on a CPU with native bf16)")
     p.add_argument("--image", nargs="+", metavar="FILE",
                    help="classify these image files and print their top-3 classes; any size or mode: converted "
                         "to RGB, the centre square cropped, resized to 32x32 (bilinear); the test set is not read")
@@ -367,15 +369,17 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--limit must be 0 (all test images) or more, got {args.limit}")
     ckpt = load_checkpoint(args.checkpoint)
     device = pick_device(args.device)
+    given = (args.amp, "--amp" if args.amp else "--no-amp")
+    args.amp, args.amp_why = default_amp(device) if args.amp is None else given
     model = model_from_checkpoint(ckpt, args.checkpoint).to(device)
     if channels_last(device):
         model = model.to(memory_format=torch.channels_last)
     if args.image:
-        return classify_files(model, args.image, device, args.batch_size, args.tta)
+        return classify_files(model, args.image, device, args.batch_size, args.tta, args.amp)
     out_dir = Path(args.out_dir or Path("eval") / Path(args.checkpoint).stem)
     out_dir.mkdir(parents=True, exist_ok=True)
     images, labels = load_test_set(args.data_dir, args.limit)
-    report = {"checkpoint": str(args.checkpoint), "epoch": ckpt.get("epoch"), "device": str(device),
+    report = {"checkpoint": str(args.checkpoint), "epoch": ckpt.get("epoch"), "device": str(device), "amp": args.amp,
               "torch": str(torch.__version__), "limit": args.limit}
     report.update(evaluate_test_set(model, images, labels, device, args))
     written = save_figures(report, ckpt, images, out_dir)

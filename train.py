@@ -54,8 +54,8 @@ from runtime import (
     StopFlag,
     close_distributed,
     compile_model,
-    default_amp,
     convert_sync_batchnorm,
+    default_amp,
     init_distributed,
     rng_state,
     seed_everything,
@@ -70,7 +70,6 @@ LAST_NAME = "last.pth"
 HISTORY_NAME = "history.json"
 HISTORY_NUMBERS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "seconds")  # plotted and summed per row
 EVAL_BATCH = 500  # images per evaluation batch: no gradients, so larger than the training batch
-CPU_IMAGES_PER_SECOND = 60  # measured: paper recipe on 2 CPU cores (README, "CPU and GPU")
 
 
 class NonFiniteLoss(Exception):
@@ -93,18 +92,21 @@ def _sync_point(sums: torch.Tensor, stop: StopFlag, dist: Distributed, bar: tqdm
 
 def train_one_epoch(train_step: EagerStep, loader, *, stop: StopFlag, sums: torch.Tensor, start_step: int = 0,
                     lr_for_step: Callable[[int], float] | None = None, dist: Distributed | None = None,
-                    desc: str = "") -> int:
+                    desc: str = "", on_speed: Callable[[float, int], None] | None = None) -> int:
     """Train over the loader's remaining steps of this epoch, adding [loss sum, correct, images] of
     this process into `sums` (on the device: no host sync per step).
 
     Stops after a step when a stop was requested (single process), or at the next sync point where
-    all processes agree (torchrun). Returns the step of the epoch reached."""
+    all processes agree (torchrun). Returns the step of the epoch reached. `on_speed(images/s, steps)`
+    is called once, at the first sync point, with the speed measured since the first step ended
+    (that step's one-off costs left out)."""
     dist = dist or Distributed()
     train_step.model.train()
     step = start_step
     bar = tqdm(total=loader.images_left * dist.world_size, desc=desc, unit="img", unit_scale=True, leave=False,
                dynamic_ncols=True, mininterval=1.0, disable=None if dist.is_main else True)
     every = max(1, min(50, len(loader) // 10))
+    timed_from, timed_images = None, 0
     for x, y in loader:
         if lr_for_step is not None:
             for group in train_step.optimizer.param_groups:
@@ -117,8 +119,16 @@ def train_one_epoch(train_step: EagerStep, loader, *, stop: StopFlag, sums: torc
         step += 1
         bar.update(len(y) * dist.world_size)
         stopping = stop.requested and not dist.enabled
-        if step % every == 0:
+        if timed_from is not None:
+            timed_images += len(y) * dist.world_size
+        if step % every == 0 or (on_speed and timed_from is None):
             stopping = _sync_point(sums, stop, dist, bar)
+            now = time.perf_counter()
+            if timed_from is None:
+                timed_from = now
+            elif on_speed and timed_images:
+                on_speed(timed_images / (now - timed_from), step - start_step - 1)
+                on_speed = None
         if stopping:
             break
     bar.close()
@@ -327,6 +337,7 @@ class Run:
     sel_name: str  # "val" or "test"
     progress: Progress
     best_weights: dict | None
+    speed_said: bool = False  # whether the speed of the first steps was said
 
     def say(self, text: str) -> None:
         if self.dist.is_main:
@@ -380,7 +391,8 @@ def start_run(cfg: TrainConfig, resume: str | None, resume_ckpt: dict | None, ov
     if cfg.batch_size % dist.world_size:
         raise UsageError(f"--batch-size {cfg.batch_size} is the global batch and must divide evenly "
                          f"over {dist.world_size} processes")
-    amp_why = default_amp(device)[1] if cfg.amp is None else ("--amp" if cfg.amp else "--no-amp")
+    amp_why = (default_amp(device)[1] if cfg.amp is None else "as the resumed run" if resume_ckpt is not None
+               else "--amp" if cfg.amp else "--no-amp")
     cfg = platform_defaults(cfg, device, dist.enabled)
     model, optimizer = build_training(cfg, device, dist)
     progress = restore(resume_ckpt, resume, model, optimizer) if resume_ckpt is not None else Progress()
@@ -401,12 +413,16 @@ def start_run(cfg: TrainConfig, resume: str | None, resume_ckpt: dict | None, ov
     run.say(f"{summary}; device {device}, {dist.world_size} process(es); amp {cfg.amp} ({amp_why}), channels_last "
             f"{cfg.channels_last}, compile {cfg.compile}, cuda_graph {cfg.cuda_graph}; run {progress.run_id}"
             f"{f', resumed after epoch {progress.epoch} step {progress.step}' if resume_ckpt else ''}")
-    if device.type == "cpu":
-        minutes = loader.images_left * dist.world_size / CPU_IMAGES_PER_SECOND / 60
-        total = minutes * cfg.epochs
-        run.say(f"note: no GPU in use; on 2 CPU cores an epoch of this run takes about {minutes:.1f} min, "
-                f"{cfg.epochs} epochs about {f'{total:.0f} min' if total < 90 else f'{total / 60:.1f} h'}")
     return run
+
+
+def say_speed(run: Run, images_per_second: float, steps: int) -> None:
+    """The run's expected length, from the speed its first steps measured on this machine."""
+    epoch = run.loader.steps_per_epoch * run.cfg.batch_size / images_per_second
+    total = epoch * (run.cfg.epochs - run.progress.epoch)
+    length = lambda s: f"{s:.0f} s" if s < 90 else f"{s / 60:.1f} min" if s < 5400 else f"{s / 3600:.1f} h"
+    run.say(f"speed: {images_per_second:,.0f} images/s measured over {steps} steps here: an epoch takes about "
+            f"{length(epoch)} of training, the {run.cfg.epochs - run.progress.epoch} epochs left about {length(total)}")
 
 
 def train_epoch(run: Run, epoch: int, stop: StopFlag) -> tuple[int, list[float], float]:
@@ -418,8 +434,11 @@ def train_epoch(run: Run, epoch: int, stop: StopFlag) -> tuple[int, list[float],
     sums = torch.tensor(progress.partial if run.dist.is_main else [0.0] * 3, device=run.device)
     start = time.perf_counter()
     try:
+        on_speed = functools.partial(say_speed, run) if not run.speed_said else None
+        run.speed_said = True
         step = train_one_epoch(run.train_step, run.loader, stop=stop, sums=sums, start_step=progress.step,
-                               dist=run.dist, desc=f"epoch {epoch}/{cfg.epochs}", lr_for_step=run.lr_schedule(epoch))
+                               dist=run.dist, desc=f"epoch {epoch}/{cfg.epochs}", lr_for_step=run.lr_schedule(epoch),
+                               on_speed=on_speed)
     except NonFiniteLoss:
         raise NonFiniteLoss(f"the training loss became non-finite in epoch {epoch}; stopped. "
                             f"{run.out / LAST_NAME} still holds the state after epoch {progress.epoch}; "

@@ -68,7 +68,8 @@ def test_cuda_graph_flag_on_the_cpu_is_one_line(tiny_cifar, tmp_path, capsys):
 
 def test_a_resumed_run_decides_the_graph_again_for_its_machine():
     saved = {**vars(TrainConfig()), "cuda_graph": True, "amp": True}
-    assert resumed_config({"device": "cpu"}, saved, "last.pth").cuda_graph is None
+    resumed = resumed_config({"device": "cpu"}, saved, "last.pth")
+    assert resumed.cuda_graph is None and resumed.amp is True  # bf16 stays as the run began
     assert resumed_config({"cuda_graph": False}, saved, "last.pth").cuda_graph is False
 
 

@@ -214,7 +214,8 @@ def test_plain_run_beside_a_shipped_checkpoint_writes_elsewhere(tiny_cifar, trai
     (tmp_path / "model").mkdir()
     shipped = (trained_run / train.BEST_NAME).read_bytes()
     (tmp_path / "model" / train.BEST_NAME).write_bytes(shipped)
-    args = ["--data-dir", str(tiny_cifar), "--epochs", "1", "--val-size", "20", "--workers", "0", "--device", "cpu", "--no-amp"]
+    args = ["--data-dir", str(tiny_cifar), "--epochs", "1", "--val-size", "20", "--workers", "0", "--device", "cpu",
+            "--no-amp"]
     assert train.main(args) == 0
     note = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("note: model/"))
     assert "--out model --overwrite replaces them" in note
@@ -222,3 +223,12 @@ def test_plain_run_beside_a_shipped_checkpoint_writes_elsewhere(tiny_cifar, trai
     assert len(runs) == 1 and (runs[0] / train.BEST_NAME).is_file() and (runs[0] / train.LAST_NAME).is_file()
     assert (tmp_path / "model" / train.BEST_NAME).read_bytes() == shipped
     assert sorted(p.name for p in (tmp_path / "model").iterdir()) == [train.BEST_NAME]
+
+
+def test_the_run_says_its_speed_once_from_its_first_steps(tiny_cifar, tmp_path, capsys):
+    """The expected length comes from the speed measured here (not a constant), said once per run."""
+    assert train.main(tiny_train_args(tiny_cifar, tmp_path, "--subset", "64", "--batch-size", "8")) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("speed: ")]
+    assert len(lines) == 1
+    rate = float(lines[0].split()[1].replace(",", ""))
+    assert rate > 0 and "measured over" in lines[0] and "the 2 epochs left" in lines[0]
