@@ -36,7 +36,7 @@ from config import TrainConfig, fresh_config
 from data import DeviceLoader, TorchvisionLoader, default_workers, load_cifar10, make_eval_loader
 from evaluate import evaluate
 from model import build_model
-from runtime import StopFlag, compile_model, pick_device
+from runtime import StopFlag, compile_model, cpu_bf16, pick_device
 from step import make_step
 from train import EVAL_BATCH, platform_defaults, train_one_epoch
 
@@ -61,8 +61,10 @@ def setups(device: torch.device, extra: list[str]) -> list[Setup]:
     out = [Setup("reference: torchvision loader, eager, fp32, NCHW", "torchvision", False, False, False),
            Setup(f"default: device loader, amp {fast.amp}, channels_last {fast.channels_last}, fused SGD{graph}",
                  "device", fast.amp, fast.channels_last, True, cuda_graph=fast.cuda_graph)]
-    if "fp32" in extra and out[1].amp:  # the default without bf16 autocast (on the CPU it is the default)
+    if "fp32" in extra and out[1].amp:  # the default without bf16 autocast
         out.append(dataclasses.replace(out[1], name=out[1].name.replace("amp True", "amp False"), amp=False))
+    if "bf16" in extra and not out[1].amp:  # bf16 autocast where it is not the default (emulated on most CPUs)
+        out.append(dataclasses.replace(out[1], name=out[1].name.replace("amp False", "amp True"), amp=True))
     if "compile" in extra:  # torch.compile alone
         out.append(dataclasses.replace(out[1], name=out[1].name.removesuffix(graph) + ", compile", compile=True,
                                        cuda_graph=False))
@@ -167,7 +169,9 @@ def machine(device: torch.device) -> str:
         pass
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     gpu = f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""
-    return f"{cpu}, {cores} cores{gpu}; torch {torch.__version__}"
+    native, has = cpu_bf16()
+    bf16 = f"{has}, native bf16" if native else f"{has}, no native bf16"
+    return f"{cpu} ({bf16}), {cores} cores{gpu}; torch {torch.__version__}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -176,7 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="auto")
     p.add_argument("--steps", type=int, default=None, help="timed training steps per repeat (CPU 10, GPU 300)")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats of each configuration (median counts)")
-    p.add_argument("--extra", nargs="*", default=[], choices=["compile", "compile-graph", "fp32", "fast-recipe"],
+    p.add_argument("--extra", nargs="*", default=[],
+                   choices=["compile", "compile-graph", "fp32", "bf16", "fast-recipe"],
                    help="also time these variants of the default configuration")
     p.add_argument("--eval-images", type=int, default=None,
                    help="test images timed in evaluation (default: all on a GPU, 2,000 on the CPU)")
