@@ -9,7 +9,7 @@ time budget (--budget seconds in all) so that it ends cleanly and the next one s
 1. data: the CIFAR-10 proxy built from `.proxy/` (its archive and builder) unless --data-dir is given;
 2. tests: `python -m pytest -m cuda`;
 3. bench: bench/bench_train.py on the device (reference vs default images/s, the fast recipe's
-   batch), then once more with --compile;
+   batch); once more at the end, if time is left, with fp32 and --compile (alone and in the graph);
 4. fast: `train.py --recipe fast` for 3 seeds on all training images, the held-out split watched
    every epoch (never used to select: the fast recipe keeps its last epoch): wall time, time to
    94%, final accuracy;
@@ -179,10 +179,10 @@ def stage_tests(args, plan: Plan, out: Path, clock: Clock) -> dict:
             "summary": tail(log, 1)}
 
 
-def _bench(args, plan: Plan, out: Path, clock: Clock, extra: str, name: str, cap: float) -> dict:
+def _bench(args, plan: Plan, out: Path, clock: Clock, extra: list[str], name: str, cap: float) -> dict:
     path = out / f"{name}.json"
     cmd = [sys.executable, str(ROOT / "bench" / "bench_train.py"), "--data-dir", args.data_dir, "--device",
-           plan.device, *plan.bench, "--extra", extra, "--json", str(path)]
+           plan.device, *plan.bench, "--extra", *extra, "--json", str(path)]
     code, seconds = run_logged(cmd, out / "logs" / f"{name}.log", min(cap, clock.left() - EVAL_RESERVE))
     if code != 0 or not path.is_file():
         return {"status": "failed" if code is not None else "timed out", "seconds": round(seconds, 1),
@@ -196,7 +196,7 @@ def _bench(args, plan: Plan, out: Path, clock: Clock, extra: str, name: str, cap
 
 
 def stage_bench(args, plan: Plan, out: Path, clock: Clock) -> dict:
-    result = _bench(args, plan, out, clock, "fast-recipe", "bench", plan.caps["bench"])
+    result = _bench(args, plan, out, clock, ["fast-recipe"], "bench", plan.caps["bench"])
     if result["status"] == "ok":
         default = next((r for n, r in result["training"].items() if n.startswith("default") and "batch" not in n),
                        None)
@@ -210,7 +210,8 @@ def stage_bench_compile(args, plan: Plan, out: Path, clock: Clock) -> dict:
         return {"status": "skipped", "reason": "not in a dry run (compiling on the CPU takes minutes)"}
     if clock.left() < plan.caps["bench_compile"] + 20:
         return {"status": "skipped", "reason": f"{clock.left():.0f} s left of the budget"}
-    return _bench(args, plan, out, clock, "compile", "bench-compile", plan.caps["bench_compile"])
+    return _bench(args, plan, out, clock, ["fp32", "compile", "compile-graph"], "bench-compile",
+                  plan.caps["bench_compile"])
 
 
 def read_history(path: Path) -> list[dict]:
