@@ -33,17 +33,26 @@ import numpy as np
 import torch
 from torch import nn
 
-from checkpoint import DIGEST_KEY, OPTIONAL, CheckpointError, clean_state_dict, load_checkpoint, model_from_checkpoint
+from checkpoint import (
+    DIGEST_KEY,
+    OPTIONAL,
+    CheckpointError,
+    clean_state_dict,
+    load_checkpoint,
+    model_from_checkpoint,
+    tensor_digest,
+)
 from config import OneLineParser
 from data import CIFAR10_MEAN, CIFAR10_STD, CLASSES, TEST_FILE, DataError, ensure_cifar10, normalize_batch, read_batch
 
 ONNX_OPSET = 21  # the newest opset that onnxruntime 1.18 (requirements-optional.txt's oldest) runs
 VERIFY_IMAGES = 1000  # test images run through both runtimes after an ONNX export
-# Largest |logit difference| accepted between onnxruntime and PyTorch (both float32). Reordered
-# float32 sums in ~4,600-term convolutions differ by about 1e-6 of the logits' size (~10 here);
-# measured 1e-5 or less (docs/export.md). A real conversion error (no normalisation, wrong channel
-# order, BatchNorm in training mode) moves logits by 0.1 or more. 1e-3 is 100x the measured
-# difference, and 100x below the smallest error that changes what the model computes.
+# Largest |logit difference| accepted between onnxruntime and PyTorch, both float32. They sum the
+# same products in another order (and the exporter folds BatchNorm into the convolutions), which moves
+# a logit by about 1e-6 of its size: measured 2.3e-5 on the trained checkpoint's 1,000 test images,
+# logits up to 48 (docs/export.md). A real conversion error (no normalisation, wrong channel order,
+# BatchNorm in training mode) moves logits by 0.1 or more (tests/test_export.py exports one). 1e-3
+# is 40x the measured difference and 100x below such an error.
 LOGIT_TOLERANCE = 1e-3
 INPUT_DOC = ("images: uint8 [batch, 32, 32, 3], RGB, height x width x channel (the layout of np.asarray of a PIL "
              "image), values 0..255; scaling to [0, 1] and normalisation with the CIFAR-10 mean "
@@ -115,14 +124,12 @@ def metadata(ckpt: dict, source: Path) -> dict[str, str]:
 
 def export_safetensors(ckpt: dict, model: nn.Module, source: Path, out: Path) -> None:
     """The state dict (contiguous: channels-last weights are stored in plain order) and metadata."""
-    from safetensors.torch import save_file
-
-    from checkpoint import tensor_digest
+    from safetensors.torch import save
     state = {k: v.detach().contiguous() for k, v in clean_state_dict(model.state_dict()).items()}
     meta = {**metadata(ckpt, source), "input": WEIGHTS_INPUT_DOC, DIGEST_KEY: tensor_digest({"model": state})}
     tmp = temporary_name(out)
     try:
-        save_file(state, str(tmp), metadata=meta)
+        tmp.write_bytes(save(state, metadata=meta))  # written as any file here: the umask's permissions
         load_checkpoint(tmp)  # read back: loads, digest and config checked, as evaluate.py will
         os.replace(tmp, out)
     finally:

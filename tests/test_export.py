@@ -143,6 +143,8 @@ def test_an_onnx_graph_that_disagrees_is_deleted_and_the_old_file_kept(trained_r
     _one_line(code, captured.err, 1, f"error: {out}: onnxruntime's logits differ from PyTorch's by up to",
               "the file was not kept")
     assert "20 random images (no --data-dir given" in captured.out
+    diff = float(captured.err.split("by up to ")[1].split()[0])
+    assert diff > 100 * export.LOGIT_TOLERANCE  # such a mistake is far beyond the tolerance
     assert out.read_bytes() == b"an earlier export"
     _no_temporary_files(tmp_path)
 

@@ -142,3 +142,19 @@ def test_under_torchrun_only_rank_0_writes(tiny_cifar, tmp_path):
     (row,) = json.loads((tmp_path / "out" / train.HISTORY_NAME).read_text())
     assert _scalars(acc, "loss/train")[1] == pytest.approx(row["train_loss"], rel=1e-6)
     assert _confusion(acc, "confusion_matrix/val")[0].sum() == 20  # both processes' shares of the 20 images
+
+
+def test_a_resumed_run_keeps_logging_to_its_folder(logged_run, tmp_path, monkeypatch):
+    """runs/<run id> is stored as `auto` in last.pth and resolves to the same folder on --resume."""
+    import shutil
+    folder, _ = logged_run
+    work = folder.parent.parent
+    shutil.copytree(work / "out", tmp_path / "out")
+    shutil.copytree(folder, tmp_path / "runs" / folder.name)
+    monkeypatch.chdir(tmp_path)
+    assert train.main(["--resume", str(tmp_path / "out" / train.LAST_NAME), "--out", str(tmp_path / "out"),
+                       "--epochs", "3"]) == 0
+    acc, files = _events(tmp_path / "runs" / folder.name)
+    assert len(files) == 2 and sorted(_scalars(acc, "loss/train")) == [1, 2, 3]
+    third = json.loads((tmp_path / "out" / train.HISTORY_NAME).read_text())[2]
+    assert _scalars(acc, "accuracy/val")[3] == pytest.approx(third["val_acc"], rel=1e-6)
