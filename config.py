@@ -97,6 +97,8 @@ class TrainConfig:
     workers: int = _field(-1, "DataLoader worker processes of the torchvision loader (auto; 0: in the main "
                           "process)", WORKERS)
     dist_timeout: float = _field(600.0, "seconds a process waits for the others before the job fails", SECONDS)
+    tensorboard: str = _field("", "write TensorBoard logs to this folder; given without one: runs/<run id> "
+                              "(docs/tensorboard.md)", str, nargs="?", const="auto", shown="off")
 
 
 # `--recipe fast`: the same ResNet9 with a schedule made for speed: large batches, linear warm-up
@@ -113,7 +115,7 @@ RECIPES: dict[str, dict] = {
 # `deterministic` is one: it picks which kernels compute the same recipe (on the CPU the bits are the
 # same with and without it, tested), so a run may be resumed with or without it.
 RUN_ENVIRONMENT = {"epochs", "data_dir", "out", "device", "workers", "amp", "channels_last", "compile",
-                   "cuda_graph", "dist_timeout", "deterministic"}
+                   "cuda_graph", "dist_timeout", "deterministic", "tensorboard"}
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -130,12 +132,13 @@ def get_args_parser() -> argparse.ArgumentParser:
                 argument_default=argparse.SUPPRESS)
     for f in dataclasses.fields(TrainConfig):
         flag, meta = "--" + f.name.replace("_", "-"), f.metadata
-        default = "auto" if f.default is None else f.default
+        default = meta.get("shown", "auto" if f.default is None else f.default)
         help_text = f"{meta['help']} (default: {default})"
         if f.metadata["type"] is None:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
         else:
-            p.add_argument(flag, type=meta["type"], choices=meta.get("choices"), help=help_text)
+            optional_value = {k: meta[k] for k in ("nargs", "const") if k in meta}  # --tensorboard [DIR]
+            p.add_argument(flag, type=meta["type"], choices=meta.get("choices"), help=help_text, **optional_value)
     p.add_argument("--resume", metavar="LAST_PTH", help="continue the run saved in this last.pth")
     p.add_argument("--overwrite", action="store_true",
                    help="replace another run's checkpoints in --out (default: refuse to start)")

@@ -405,6 +405,14 @@ def augment_batch(images: torch.Tensor, top: torch.Tensor, left: torch.Tensor, f
     return out * inside.unsqueeze(1).to(out.dtype)
 
 
+def augmented_examples(images: np.ndarray, seed: int, rotation: float = 10.0, n: int = 64) -> torch.Tensor:
+    """The first n training images as DeviceLoader augments them in epoch 1 (uint8 n x 3 x 32 x 32, on
+    the CPU): the same per-image parameters, drawn for every image and indexed by it; for showing."""
+    generator = torch.Generator().manual_seed(mix_seed(seed, 1))
+    params = augment_params(len(images), generator, rotation)
+    return augment_batch(to_device_images(images[:n], torch.device("cpu")), **{k: v[:n] for k, v in params.items()})
+
+
 class DeviceLoader(_EpochBatches):
     """The whole training split held on the training device as uint8, augmented there batch by batch.
 

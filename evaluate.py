@@ -4,7 +4,8 @@
     python evaluate.py model/learn_rate_consistent_model.pth --data-dir /tmp/cifar10 --out-dir eval/run1 --tta
     python evaluate.py model/learn_rate_consistent_model.pth --image cat.jpg dog.png
 
-The model is rebuilt from the checkpoint alone (its config names the architecture). On the test set
+The model is rebuilt from the checkpoint alone (its config names the architecture); a .safetensors
+file written by export.py works as well as a .pth (its metadata holds the config). On the test set
 it prints and writes to --out-dir: loss, top-1/top-3 accuracy, per-class accuracy and the confusion
 matrix, calibration (expected calibration error over 15 confidence bins, a reliability diagram),
 horizontal-flip test-time augmentation (--tta), accuracy under five seeded corruptions at three
@@ -325,7 +326,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         description="Evaluate a ResNet9 checkpoint on the CIFAR-10 test set, or classify image files (--image).",
         epilog="exit codes: 0 done; 1 some --image file could not be read (the others are still classified); "
                "2 bad arguments, checkpoint or data set")
-    p.add_argument("checkpoint", help="a checkpoint written by train.py")
+    p.add_argument("checkpoint", help="a checkpoint written by train.py, or a .safetensors file written by export.py")
     p.add_argument("--data-dir", default="data", help="folder holding cifar-10-batches-py/ (downloaded if absent)")
     p.add_argument("--out-dir", default=None, help="where plots and report.json go (default: eval/<checkpoint name>)")
     p.add_argument("--batch-size", type=int, default=500, help="images per forward pass (default 500)")

@@ -12,10 +12,12 @@ accuracy beats the best so far the weights are saved to model/learn_rate_consist
 and training goes on (--reload-best instead goes back to the best weights after an epoch that did
 not improve: the other reading of the paper's sentence; README, "The paper's reload").
 model/last.pth holds the full state after every epoch (and at Ctrl-C), history.json the curves'
-numbers; loss_curve.png and accuracy_curve.png are drawn at the end.
+numbers; loss_curve.png and accuracy_curve.png are drawn at the end. --tensorboard [DIR] also
+logs the run for TensorBoard (tensorboard_log.py, docs/tensorboard.md).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -30,6 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -39,15 +42,17 @@ import plots
 from checkpoint import CheckpointError, clean_state_dict, load_checkpoint, save_checkpoint, unwrap
 from config import TrainConfig, UsageError, fresh_config, lr_at, parse_args, resumed_config
 from data import (
+    CLASSES,
     DataError,
     DeviceLoader,
     TorchvisionLoader,
+    augmented_examples,
     default_workers,
     load_cifar10,
     make_eval_loader,
     split_train_val,
 )
-from evaluate import evaluate
+from evaluate import evaluate, predict
 from model import build_model
 from runtime import (
     Distributed,
@@ -64,6 +69,7 @@ from runtime import (
     wrap_ddp,
 )
 from step import EagerStep, make_step
+from tensorboard_log import TensorBoardLog, folder_for, require_tensorboard
 
 BEST_NAME = "learn_rate_consistent_model.pth"  # the paper's file name for the best model
 LAST_NAME = "last.pth"
@@ -78,23 +84,29 @@ class NonFiniteLoss(Exception):
 
 # ----------------------------------------------------------------------------- one epoch
 
-def _sync_point(sums: torch.Tensor, stop: StopFlag, dist: Distributed, bar: tqdm | None = None) -> bool:
+def _sync_point(sums: torch.Tensor, stop: StopFlag, dist: Distributed, bar: tqdm | None = None,
+                on_sync: Callable[[float, float], None] | None = None) -> bool:
     """The loop's only host sync, every few dozen steps: check that the loss is finite, agree
-    across processes on stopping, and show loss and accuracy. Returns whether to stop."""
+    across processes on stopping, show loss and accuracy, and hand the summed loss and image count
+    (all processes') to `on_sync`. Returns whether to stop."""
     shared = dist.all_reduce_sum(torch.cat([sums, sums.new_tensor([float(stop.requested)])]))
     loss_sum, correct, n, stop_votes = shared.tolist()
     if not math.isfinite(loss_sum):
         raise NonFiniteLoss
     if bar is not None:
         bar.set_postfix(loss=f"{loss_sum / max(n, 1):.4f}", acc=f"{100 * correct / max(n, 1):.2f}%")
+    if on_sync is not None:
+        on_sync(loss_sum, n)
     return stop_votes > 0
 
 
 def train_one_epoch(train_step: EagerStep, loader, *, stop: StopFlag, sums: torch.Tensor, start_step: int = 0,
                     lr_for_step: Callable[[int], float] | None = None, dist: Distributed | None = None,
-                    desc: str = "", on_speed: Callable[[float, int], None] | None = None) -> int:
+                    desc: str = "", on_sync: Callable[[int, float, float], None] | None = None,
+                    on_speed: Callable[[float, int], None] | None = None) -> int:
     """Train over the loader's remaining steps of this epoch, adding [loss sum, correct, images] of
-    this process into `sums` (on the device: no host sync per step).
+    this process into `sums` (on the device: no host sync per step). At each sync point
+    `on_sync(step, loss sum, images)` gets the epoch's sums so far over all processes.
 
     Stops after a step when a stop was requested (single process), or at the next sync point where
     all processes agree (torchrun). Returns the step of the epoch reached. `on_speed(images/s, steps)`
@@ -122,7 +134,7 @@ def train_one_epoch(train_step: EagerStep, loader, *, stop: StopFlag, sums: torc
         if timed_from is not None:
             timed_images += len(y) * dist.world_size
         if step % every == 0 or (on_speed and timed_from is None):
-            stopping = _sync_point(sums, stop, dist, bar)
+            stopping = _sync_point(sums, stop, dist, bar, on_sync and functools.partial(on_sync, step))
             now = time.perf_counter()
             if timed_from is None:
                 timed_from = now
@@ -132,7 +144,7 @@ def train_one_epoch(train_step: EagerStep, loader, *, stop: StopFlag, sums: torc
         if stopping:
             break
     bar.close()
-    _sync_point(sums, stop, dist)  # a last finiteness check, which every process reaches
+    _sync_point(sums, stop, dist, on_sync=on_sync and functools.partial(on_sync, step))  # every process reaches it
     return step
 
 
@@ -298,7 +310,8 @@ def platform_defaults(cfg: TrainConfig, device: torch.device, distributed: bool 
 # ----------------------------------------------------------------------------- the run
 
 def build_loaders(cfg: TrainConfig, device: torch.device, dist: Distributed):
-    """The training loader and the selection-split loader, and what the selection split is."""
+    """The training loader and the selection-split loader, what the selection split is, and a
+    function giving a few augmented training images (uint8) to look at."""
     data = load_cifar10(cfg.data_dir)
     train_idx, val_idx = split_train_val(data.train_labels, cfg.val_size, cfg.subset)
     if cfg.val_size:
@@ -318,7 +331,26 @@ def build_loaders(cfg: TrainConfig, device: torch.device, dist: Distributed):
     summary = (f"training {cfg.arch} on {len(train_idx)} images, selecting on {len(sel_labels)} {sel_name} images"
                f"{' (the paper protocol: optimistic)' if not cfg.val_size else ''}; {cfg.loader} loader"
                f"{'' if on_device else f' with {workers} worker(s)'}")
-    return loader, sel_loader, sel_name, summary
+    examples = functools.partial(augmented_examples, images[:64], cfg.seed, cfg.rotation)
+    return loader, sel_loader, sel_name, summary, examples
+
+
+def open_tensorboard(cfg: TrainConfig, run_id: str, dist: Distributed) -> TensorBoardLog:
+    """Rank 0's TensorBoard log with --tensorboard (a log that writes nothing otherwise); all
+    processes stop together, with one line, if it cannot be opened."""
+    if not cfg.tensorboard:
+        return TensorBoardLog()
+    log, error = TensorBoardLog(), None
+    if dist.is_main:
+        try:
+            require_tensorboard()
+            log = TensorBoardLog(folder_for(cfg.tensorboard, run_id))
+        except UsageError as e:
+            error = str(e)
+    error = dist.first_error(error)
+    if error:
+        raise UsageError(error)
+    return log
 
 
 @dataclass
@@ -337,6 +369,7 @@ class Run:
     sel_name: str  # "val" or "test"
     progress: Progress
     best_weights: dict | None
+    tb: TensorBoardLog  # writes only on rank 0 and with --tensorboard
     speed_said: bool = False  # whether the speed of the first steps was said
 
     def say(self, text: str) -> None:
@@ -397,7 +430,8 @@ def start_run(cfg: TrainConfig, resume: str | None, resume_ckpt: dict | None, ov
     model, optimizer = build_training(cfg, device, dist)
     progress = restore(resume_ckpt, resume, model, optimizer) if resume_ckpt is not None else Progress()
     check_output(cfg, progress, resume, overwrite, model, dist)
-    loader, sel_loader, sel_name, summary = build_loaders(cfg, device, dist)
+    tb = open_tensorboard(cfg, progress.run_id, dist)
+    loader, sel_loader, sel_name, summary, examples = build_loaders(cfg, device, dist)
     best_weights = None
     if resume_ckpt and cfg.reload_best and progress.best_epoch:
         best_weights = load_best_weights(Path(cfg.out), progress, model, device)
@@ -409,10 +443,13 @@ def start_run(cfg: TrainConfig, resume: str | None, resume_ckpt: dict | None, ov
                            device=device, amp=cfg.amp, channels_last=cfg.channels_last, cuda_graph=cfg.cuda_graph,
                            batch_size=loader.batch_size)
     run = Run(cfg, Path(cfg.out), device, dist, model, optimizer, train_step, loader, sel_loader, sel_name, progress,
-              best_weights)
+              best_weights, tb)
     run.say(f"{summary}; device {device}, {dist.world_size} process(es); amp {cfg.amp} ({amp_why}), channels_last "
             f"{cfg.channels_last}, compile {cfg.compile}, cuda_graph {cfg.cuda_graph}; run {progress.run_id}"
             f"{f', resumed after epoch {progress.epoch} step {progress.step}' if resume_ckpt else ''}")
+    if tb.writer is not None:
+        tb.augmented_images(examples(), progress.epoch)
+        run.say(f"TensorBoard: logging to {tb.folder}; view with: tensorboard --logdir {tb.folder.parent}")
     return run
 
 
@@ -432,12 +469,15 @@ def train_epoch(run: Run, epoch: int, stop: StopFlag) -> tuple[int, list[float],
     run.loader.set_epoch(epoch, progress.step)
     # Under torchrun each process adds its own sums; the resumed partial sums count once.
     sums = torch.tensor(progress.partial if run.dist.is_main else [0.0] * 3, device=run.device)
+    run.tb.start_epoch(progress.partial)
+    first_step = (epoch - 1) * run.loader.steps_per_epoch  # the run's optimizer steps before this epoch
     start = time.perf_counter()
     try:
         on_speed = functools.partial(say_speed, run) if not run.speed_said else None
         run.speed_said = True
         step = train_one_epoch(run.train_step, run.loader, stop=stop, sums=sums, start_step=progress.step,
                                dist=run.dist, desc=f"epoch {epoch}/{cfg.epochs}", lr_for_step=run.lr_schedule(epoch),
+                               on_sync=lambda step, loss_sum, n: run.tb.sync_loss(first_step + step, loss_sum, n),
                                on_speed=on_speed)
     except NonFiniteLoss:
         raise NonFiniteLoss(f"the training loss became non-finite in epoch {epoch}; stopped. "
@@ -481,22 +521,54 @@ def end_epoch(run: Run, epoch: int, totals: list[float], train_seconds: float) -
     row = {"epoch": epoch, "train_loss": loss_sum / n, "train_acc": 100 * correct / n,
            "val_loss": val["loss"], "val_acc": val["acc"], "lr": run.optimizer.param_groups[0]["lr"],
            "seconds": round(seconds, 2), "train_seconds": round(train_seconds, 2),
-           "improved": improved, "reloaded": reloaded}
+           "images_per_second": round(n / max(train_seconds, 1e-9), 1), "improved": improved, "reloaded": reloaded}
     progress.history.append(row)
     if dist.is_main:  # last.pth first: a crash before the best one is written is repaired on resume
         save_checkpoint(_last_state(cfg, progress, run.model, run.optimizer), run.out / LAST_NAME)
         if improved:
             save_checkpoint(_best_state(cfg, progress, run.best_weights, row), run.out / BEST_NAME)
         _write_json(progress.history, run.out / HISTORY_NAME)
+    run.tb.epoch(row, run.sel_name)
     note = "best" if improved else "reloaded best" if reloaded else ""
     run.say(f"epoch {epoch:>3}/{cfg.epochs} | train loss {row['train_loss']:.4f} acc {row['train_acc']:6.2f}% | "
             f"{run.sel_name} loss {row['val_loss']:.4f} acc {row['val_acc']:6.2f}% | lr {row['lr']:.4f} | "
             f"{seconds:6.1f}s ({train_seconds:.1f}s training) | {note}")
 
 
+def selection_confusion(run: Run) -> np.ndarray:
+    """The confusion matrix (rows: true class) of the model as it is now on the whole selection split,
+    each process counting its share; evaluated as end_epoch evaluates (amp, channels-last, TTA)."""
+    k, cfg = len(CLASSES), run.cfg
+    eval_model = run.model.module if run.dist.enabled else run.model
+    logits, labels = predict(eval_model, run.sel_loader, run.device, amp=cfg.amp, channels_last=cfg.channels_last,
+                             tta=cfg.tta)
+    counts = torch.bincount(labels * k + logits.argmax(1), minlength=k * k).to(run.device)
+    return run.dist.all_reduce_sum(counts).reshape(k, k).cpu().numpy()
+
+
+def log_final(run: Run) -> None:
+    """TensorBoard at the end: the confusion matrix of the selection split and the hyperparameters
+    with the final metrics. Every process takes part (each counts its share of the split)."""
+    progress, cfg, sel = run.progress, run.cfg, run.sel_name
+    if cfg.num_classes == len(CLASSES):
+        which = (f"best weights (epoch {progress.best_epoch})" if cfg.reload_best
+                 else f"last epoch's weights (epoch {progress.epoch})")
+        run.tb.confusion_matrix(selection_confusion(run), CLASSES, sel, progress.epoch, which)
+    else:
+        run.say(f"note: TensorBoard: no confusion matrix for --num-classes {cfg.num_classes} (CIFAR-10 has 10)")
+    last = progress.history[-1]
+    run.tb.hparams(dataclasses.asdict(cfg), {
+        f"hparam/best_{sel}_acc": progress.best_acc, "hparam/best_epoch": progress.best_epoch,
+        f"hparam/final_{sel}_acc": last["val_acc"], f"hparam/final_{sel}_loss": last["val_loss"],
+        "hparam/final_train_acc": last["train_acc"], "hparam/final_train_loss": last["train_loss"],
+        "hparam/minutes": sum(h["seconds"] for h in progress.history) / 60})
+
+
 def finish(run: Run) -> None:
-    """The curves and the summary line, at the end of the run."""
+    """The curves and the summary line (and the TensorBoard summary), at the end of the run."""
     progress, cfg = run.progress, run.cfg
+    if cfg.tensorboard and progress.history:
+        log_final(run)
     if not (run.dist.is_main and progress.history):
         return
     written = plots.save_curves(progress.history, run.out, run.sel_name)
@@ -512,7 +584,7 @@ def fit(cfg: TrainConfig, *, resume: str | None = None, resume_ckpt: dict | None
         dist: Distributed | None = None, device: torch.device) -> int:
     """Train to cfg.epochs; returns the exit code (128 + signal when a signal stopped the run)."""
     run = start_run(cfg, resume, resume_ckpt, overwrite, dist or Distributed(), device)
-    with StopFlag() as stop:
+    with StopFlag() as stop, contextlib.closing(run.tb):
         while run.progress.epoch < run.cfg.epochs:
             epoch = run.progress.epoch + 1
             step, totals, seconds = train_epoch(run, epoch, stop)
@@ -523,7 +595,7 @@ def fit(cfg: TrainConfig, *, resume: str | None = None, resume_ckpt: dict | None
                 run.say(f"stopped by signal {stop.signal} after epoch {epoch}; continue with: "
                         f"python train.py --resume {run.out / LAST_NAME}")
                 return 128 + stop.signal
-    finish(run)
+        finish(run)
     return 0
 
 

@@ -8,6 +8,7 @@ import torch
 
 import evaluate
 import train
+from checkpoint import save_checkpoint
 from model import BasicBlock, ResNet
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -75,7 +76,7 @@ def _bad_checkpoints(trained_run, tmp_path):
         elif isinstance(content, bytes):
             path.write_bytes(content)
         elif content is not None:
-            torch.save(content, path)
+            save_checkpoint(content, path)  # as this project writes checkpoints: with their digest
         paths[name] = (path, message)
     return paths, marker
 
@@ -101,6 +102,6 @@ def test_wrapped_state_dict_keys_load(trained_run, tmp_path, prefix):
     from checkpoint import load_checkpoint, model_from_checkpoint
     ckpt = load_checkpoint(trained_run / train.BEST_NAME)
     ckpt["model"] = {prefix + k: v for k, v in ckpt["model"].items()}
-    torch.save(ckpt, tmp_path / "wrapped.pth")
+    save_checkpoint(ckpt, tmp_path / "wrapped.pth")  # a new digest: the renamed tensors are another checkpoint
     model = model_from_checkpoint(load_checkpoint(tmp_path / "wrapped.pth"))
     assert torch.equal(model.conv1.weight, load_checkpoint(trained_run / train.BEST_NAME)["model"]["conv1.weight"])

@@ -1,0 +1,45 @@
+"""torch.hub entry point: the paper's ResNet9, with the weights this repository ships.
+
+From a clone of this repository:
+
+    import torch
+    model = torch.hub.load("path/to/this/repo", "resnet9", source="local", pretrained=True)
+
+From GitHub (torch.hub downloads the repository, the shipped checkpoint included, into
+~/.cache/torch/hub; OWNER/REPO is where this repository is published, a branch after a colon):
+
+    model = torch.hub.load("OWNER/REPO", "resnet9", pretrained=True, trust_repo=True)
+    model = torch.hub.load("OWNER/REPO:main", "resnet9", pretrained=True, trust_repo=True)
+
+The model comes back in eval mode and expects float32 N x 3 x 32 x 32 RGB images scaled to [0, 1]
+and normalised with the CIFAR-10 mean and std (data.py: CIFAR10_MEAN, CIFAR10_STD); its 10 outputs
+are logits in the order of data.CLASSES. docs/export.md shows a whole example.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch import nn
+
+dependencies = ["torch"]  # what torch.hub checks before loading this file
+
+SHIPPED_WEIGHTS = Path(__file__).resolve().parent / "model" / "learn_rate_consistent_model.pth"
+
+
+def resnet9(pretrained: bool = False, weights: str | None = None, num_classes: int = 10) -> nn.Module:
+    """ResNet9 (4,903,242 parameters for 10 classes). pretrained=True: the shipped weights (or the
+    checkpoint or .safetensors file named by `weights`), in eval mode; pretrained=False: freshly
+    initialised for `num_classes`, in train mode. Raises checkpoint.CheckpointError (one line, naming
+    the file) when the weights are missing or damaged."""
+    from checkpoint import load_checkpoint, model_from_checkpoint
+    from model import resnet9 as build
+
+    if not pretrained:
+        if weights is not None:
+            raise ValueError("weights= is for pretrained=True; pretrained=False builds a fresh model")
+        return build(num_classes)
+    path = Path(weights) if weights is not None else SHIPPED_WEIGHTS
+    model = model_from_checkpoint(load_checkpoint(path), path)
+    if model.linear.out_features != num_classes:
+        raise ValueError(f"{path} holds a model for {model.linear.out_features} classes, not num_classes={num_classes}")
+    return model.eval()
