@@ -19,12 +19,12 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def torchrun(*args: str, nproc: int = 2, timeout: float = 240) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           str(ROOT / "train.py"), "--device", "cpu", "--no-amp", *args]
+           str(ROOT / "train.py"), "--device", "cpu", *args]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
 
 def tiny(data_dir, out, *extra):
-    return ["--data-dir", str(data_dir), "--out", str(out), "--val-size", "20", *extra]
+    return ["--data-dir", str(data_dir), "--out", str(out), "--val-size", "20", "--no-amp", *extra]  # fp32
 
 
 def test_two_processes_take_the_same_first_step_as_one(tiny_cifar, tmp_path, capsys):
