@@ -32,6 +32,7 @@ import re
 import shlex
 import sys
 import time
+import traceback
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -103,7 +104,8 @@ def import_optuna() -> None:
         import optuna
     except ImportError:
         raise UsageError("tune.py needs Optuna: pip install -r requirements-optional.txt") from None
-    optuna.logging.set_verbosity(optuna.logging.WARNING)  # tune.py prints a line per trial itself
+    # tune.py prints a line per trial itself, and the traceback of a trial that raised
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
 
 
 def trial_seeded_tpe(seed: int) -> optuna.samplers.BaseSampler:
@@ -228,6 +230,7 @@ def make_objective(fixed_flags: list[str], folder: Path, device, fatal: list[str
             if trial.should_prune():
                 raise optuna.TrialPruned(f"epoch {row['epoch']}: val acc {row['val_acc']:.2f}%")
 
+        code = None
         try:
             given, _ = parse_args([*flags, "--out", str(trial_dir)])
             code = train.fit(fresh_config(given), device=device, after_epoch=report, overwrite=True)
@@ -239,30 +242,37 @@ def make_objective(fixed_flags: list[str], folder: Path, device, fatal: list[str
             trial.set_user_attr("note", f"failed: {e}"[:300])
             trial.study.stop()
             raise
-        except Exception as e:
+        except Exception as e:  # a bug or a machine problem: say where, and go on with the next trial
+            traceback.print_exc()
             trial.set_user_attr("note", f"failed: {type(e).__name__}: {' '.join(str(e).split())}"[:300])
+            raise
+        except KeyboardInterrupt:  # a second Ctrl-C: stopped at once
+            trial.set_user_attr("note", "interrupted")
             raise
         finally:
             trial.set_user_attr("best_epoch", best["epoch"])
-            for name in (train.BEST_NAME, train.LAST_NAME):  # the best command retrains; keep the disk free
-                (trial_dir / name).unlink(missing_ok=True)
+            if not code:  # a trial stopped by a signal keeps the last.pth train.py just pointed to
+                for name in (train.BEST_NAME, train.LAST_NAME):  # the best command retrains: free the disk
+                    (trial_dir / name).unlink(missing_ok=True)
         if code:
-            trial.set_user_attr("note", f"interrupted (signal {code - 128})")
+            trial.set_user_attr("note", f"interrupted by signal {code - 128}")
             raise KeyboardInterrupt
         return best["acc"]
 
     return objective
 
 
-def trial_line(trial: optuna.trial.FrozenTrial) -> str:
+def outcome(trial: optuna.trial.FrozenTrial) -> str:
+    """How a trial ended: state, the epochs it reported, its best selection accuracy, a note."""
     values = trial.intermediate_values
-    acc = max(values.values()) if values else None
-    result = f"val acc {acc:.2f}%" if acc is not None else "no epoch finished"
+    result = f"best val acc {max(values.values()):.2f}% in {len(values)} epoch(s)" if values else "no epoch finished"
     note = trial.user_attrs.get("note", "")
-    when = f" at epoch {max(values)}" if trial.state.name == "PRUNED" and values else ""
+    return f"{trial.state.name.lower()}, {result}{f' ({note})' if note else ''}"
+
+
+def trial_line(trial: optuna.trial.FrozenTrial) -> str:
     seconds = trial.duration.total_seconds() if trial.duration else 0.0
-    return (f"trial {trial.number} {trial.state.name.lower()}{when}: {result} | {describe(trial.params)} | "
-            f"{seconds:.0f} s{f' | {note}' if note else ''}")
+    return f"trial {trial.number}: {outcome(trial)} | {describe(trial.params)} | {seconds:.0f} s"
 
 
 # ----------------------------------------------------------------------------- outputs
@@ -339,7 +349,7 @@ def summarize(study: optuna.Study, folder: Path, shown_storage: str) -> str | No
     trials = study.trials
     write_csv(trials, folder / "trials.csv")
     states = {s: sum(t.state.name == s for t in trials) for s in ("COMPLETE", "PRUNED", "FAIL", "RUNNING")}
-    print(f"study {study.study_name!r} in {shown_storage}: {len(trials)} trials: "
+    print(f"study {study.study_name!r} in {shown_storage}: {len(trials)} trial(s): "
           + ", ".join(f"{n} {s.lower()}" for s, n in states.items() if n))
     best = ranked(trials)
     paper = next((t for t in trials if t.user_attrs.get("paper")), None)
@@ -347,8 +357,7 @@ def summarize(study: optuna.Study, folder: Path, shown_storage: str) -> str | No
         if paper.state.name == "COMPLETE":
             place = f"rank {best.index(paper) + 1} of {len(best)} complete, val acc {paper.value:.2f}%"
         else:
-            place = trial_line(paper).split(": ", 1)[-1].split(" | ")[0]
-            place = f"{paper.state.name.lower()} ({place})"
+            place = outcome(paper)
         print(f"the paper's point (trial {paper.number}: {describe(paper.params)}): {place}")
     for line in save_plots(study, folder):
         print(f"plot: {line}")
@@ -397,6 +406,9 @@ def fixed_flags(rest: list[str]) -> tuple[list[str], train.TrainConfig]:
     if searched:
         raise UsageError(f"--{searched[0].replace('_', '-')} is what tune.py searches; leave it out "
                          "(the search space is in docs/tuning.md)")
+    if given.get("val_size") == 0:
+        raise UsageError("--val-size 0 would select on the test set; tune.py selects on held-out training images "
+                         "only: give --val-size N > 0 (default 5000)")
     flags = list(rest)
     if "reload_best" not in given:
         flags.append("--reload-best" if fresh_config(given).reload_best else "--no-reload-best")
