@@ -406,13 +406,12 @@ def fixed_flags(rest: list[str]) -> tuple[list[str], train.TrainConfig]:
     if searched:
         raise UsageError(f"--{searched[0].replace('_', '-')} is what tune.py searches; leave it out "
                          "(the search space is in docs/tuning.md)")
-    if given.get("val_size") == 0:
+    cfg = fresh_config(given)
+    if cfg.val_size == 0:
         raise UsageError("--val-size 0 would select on the test set; tune.py selects on held-out training images "
                          "only: give --val-size N > 0 (default 5000)")
-    flags = list(rest)
-    if "reload_best" not in given:
-        flags.append("--reload-best" if fresh_config(given).reload_best else "--no-reload-best")
-    return flags, fresh_config(parse_args(flags)[0])
+    reload_flag = [] if "reload_best" in given else ["--reload-best" if cfg.reload_best else "--no-reload-best"]
+    return [*rest, *reload_flag], cfg
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -124,9 +124,11 @@ def test_a_failing_trial_is_recorded_and_the_study_goes_on(tiny_cifar, tmp_path,
             raise train.NonFiniteLoss("the training loss became non-finite")
         return real_fit(cfg, **kwargs)
 
-    monkeypatch.setattr(train, "fit", fit)
-    code, stdout, stderr = run_tune(["--trials", "3", *tiny_flags(tiny_cifar, tmp_path, "--epochs", "1")])
+    monkeypatch.setattr(train, "fit", fit)  # under the Hyperband pruner, to run it once too
+    flags = tiny_flags(tiny_cifar, tmp_path, "--epochs", "1", "--pruner", "hyperband")
+    code, stdout, stderr = run_tune(["--trials", "3", *flags])
     assert code == 0 and len(calls) == 3
+    assert "pruner hyperband" in stdout
     failed, diverged, fine = load(tmp_path).trials
     assert failed.state.name == "FAIL"
     assert failed.user_attrs["note"] == "failed: RuntimeError: out of memory in a kernel"  # on one line
