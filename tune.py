@@ -181,17 +181,17 @@ def open_study(storage, name: str, sampler, pruner, fixed: dict) -> optuna.Study
                                     pruner=pruner)
     except optuna.exceptions.DuplicatedStudyError:
         study = optuna.load_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner)
-    else:
+    else:  # the paper's point first: a process that sees the search recorded sees it queued
+        queue_paper_point(study)
         study.set_user_attr("search_space", search_space())
         study.set_user_attr("fixed", fixed)
-        study.enqueue_trial(PAPER_POINT, user_attrs={"paper": True})
         return study
     where = f"study {name!r}"
     if study.directions != [optuna.study.StudyDirection.MAXIMIZE]:
         raise UsageError(f"{where} does not maximise one value, so tune.py did not make it; choose another --study")
     attrs = study.user_attrs
     if "search_space" not in attrs:
-        if study.trials:
+        if any(not t.user_attrs.get("paper") for t in study.trials):
             raise UsageError(f"{where} was not made by tune.py (it records no search space); choose another --study")
         # made a moment ago by another tune.py process that has not recorded its search yet
         study.set_user_attr("search_space", search_space())
@@ -205,7 +205,21 @@ def open_study(storage, name: str, sampler, pruner, fixed: dict) -> optuna.Study
     if differ:
         flags = ", ".join(f"--{k.replace('_', '-')} {theirs.get(k)} (here {fixed.get(k)})" for k in differ[:4])
         raise UsageError(f"{where} fixes {flags}; give the same train.py flags to add to it, or choose another --study")
+    queue_paper_point(study)
     return study
+
+
+def queue_paper_point(study: optuna.Study) -> None:
+    """Queue the paper's point unless a trial of it has finished, runs or waits: one that failed
+    (interrupted, or its process died) is queued again, so that every study measures it."""
+    if not any(t.user_attrs.get("paper") and t.state.name != "FAIL" for t in study.trials):
+        study.enqueue_trial(PAPER_POINT, user_attrs={"paper": True})
+
+
+def paper_trial(trials: list) -> optuna.trial.FrozenTrial | None:
+    """The trial of the paper's point: the one that did not fail, else the last one."""
+    ours = [t for t in trials if t.user_attrs.get("paper")]
+    return next((t for t in ours if t.state.name != "FAIL"), ours[-1] if ours else None)
 
 
 # ----------------------------------------------------------------------------- one trial
@@ -348,11 +362,11 @@ def summarize(study: optuna.Study, folder: Path, shown_storage: str) -> str | No
     """Write the CSV, the plots and the best command; print the summary. Returns the best command."""
     trials = study.trials
     write_csv(trials, folder / "trials.csv")
-    states = {s: sum(t.state.name == s for t in trials) for s in ("COMPLETE", "PRUNED", "FAIL", "RUNNING")}
+    states = {s: sum(t.state.name == s for t in trials) for s in ("COMPLETE", "PRUNED", "FAIL", "RUNNING", "WAITING")}
     print(f"study {study.study_name!r} in {shown_storage}: {len(trials)} trial(s): "
           + ", ".join(f"{n} {s.lower()}" for s, n in states.items() if n))
     best = ranked(trials)
-    paper = next((t for t in trials if t.user_attrs.get("paper")), None)
+    paper = paper_trial(trials)
     if paper is not None:
         if paper.state.name == "COMPLETE":
             place = f"rank {best.index(paper) + 1} of {len(best)} complete, val acc {paper.value:.2f}%"

@@ -164,6 +164,9 @@ def test_ctrl_c_ends_the_running_trial_and_keeps_the_study(tiny_cifar, tmp_path,
     assert (tmp_path / STUDY / "trial-0000" / train.LAST_NAME).is_file()  # the message before says to resume it
     assert "interrupted by signal 2" in (tmp_path / STUDY / "trials.csv").read_text()
     assert signal.getsignal(signal.SIGINT) is handler  # given back
+    assert run_tune(["--trials", "0", *tiny_flags(tiny_cifar, tmp_path)])[0] == 1  # no best yet: exit 1
+    again, queued = load(tmp_path).trials  # the paper's point is queued again, to be measured after all
+    assert again.number == 0 and queued.state.name == "WAITING" and queued.user_attrs["paper"]
 
 
 def test_two_processes_share_one_sqlite_study(tiny_cifar, tmp_path):
