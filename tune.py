@@ -224,13 +224,13 @@ def paper_trial(trials: list) -> optuna.trial.FrozenTrial | None:
 
 # ----------------------------------------------------------------------------- one trial
 
-def make_objective(fixed_flags: list[str], folder: Path, device, fatal: list[str]) -> Callable:
+def make_objective(fixed: list[str], folder: Path, device, fatal: list[str]) -> Callable:
     """The objective: train the trial's command line with train.fit, report each epoch, return the best."""
     import optuna
 
     def objective(trial: optuna.Trial) -> float:
         params = suggest(trial)
-        flags = [*fixed_flags, *trial_flags(params)]
+        flags = [*fixed, *trial_flags(params)]
         trial_dir = folder / f"trial-{trial.number:04d}"
         trial.set_user_attr("flags", flags)
         print(f"trial {trial.number}: {command_line([*flags, '--out', str(trial_dir)])}", flush=True)
@@ -242,6 +242,7 @@ def make_objective(fixed_flags: list[str], folder: Path, device, fatal: list[str
                 best.update(acc=row["val_acc"], epoch=row["epoch"])
             trial.report(row["val_acc"], row["epoch"])
             if trial.should_prune():
+                trial.set_user_attr("note", f"behind the earlier trials after epoch {row['epoch']}")
                 raise optuna.TrialPruned(f"epoch {row['epoch']}: val acc {row['val_acc']:.2f}%")
 
         code = None
