@@ -252,6 +252,8 @@ def make_objective(fixed: list[str], folder: Path, device, fatal: list[str]) -> 
         except train.NonFiniteLoss:
             trial.set_user_attr("note", "diverged: the loss became non-finite")
             raise optuna.TrialPruned("diverged") from None
+        except optuna.TrialPruned:  # from report(), through fit
+            raise
         except (UsageError, DataError, CheckpointError) as e:  # the fixed flags cannot work: no trial would
             fatal.append(str(e))
             trial.set_user_attr("note", f"failed: {e}"[:300])

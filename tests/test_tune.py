@@ -111,6 +111,7 @@ def test_a_trial_behind_the_median_is_pruned(tiny_cifar, tmp_path, monkeypatch):
     assert paper.state.name == good.state.name == "COMPLETE", stdout
     assert bad.state.name == "PRUNED", (paper.intermediate_values, good.intermediate_values, bad.intermediate_values)
     assert "trial 2: pruned, best val acc " in stdout and "(behind the earlier trials after epoch" in stdout
+    assert bad.user_attrs["note"].startswith("behind the earlier trials") and "Traceback" not in stderr
 
 
 def test_a_failing_trial_is_recorded_and_the_study_goes_on(tiny_cifar, tmp_path, monkeypatch):
