@@ -241,7 +241,7 @@ def make_objective(fixed: list[str], folder: Path, device, fatal: list[str]) -> 
             if row["val_acc"] > best["acc"]:
                 best.update(acc=row["val_acc"], epoch=row["epoch"])
             trial.report(row["val_acc"], row["epoch"])
-            if trial.should_prune():
+            if row["epoch"] < run.cfg.epochs and trial.should_prune():  # after the last epoch it would save nothing
                 trial.set_user_attr("note", f"behind the earlier trials after epoch {row['epoch']}")
                 raise optuna.TrialPruned(f"epoch {row['epoch']}: val acc {row['val_acc']:.2f}%")
 

@@ -99,7 +99,7 @@ def test_second_run_resumes_the_study(four_trials, tiny_cifar, tmp_path):
 
 def test_a_trial_behind_the_median_is_pruned(tiny_cifar, tmp_path, monkeypatch):
     monkeypatch.setattr(tune, "MEDIAN_STARTUP_TRIALS", 2)
-    flags = ["--out", str(tmp_path), "--study", STUDY, "--data-dir", str(tiny_cifar), "--epochs", "2",
+    flags = ["--out", str(tmp_path), "--study", STUDY, "--data-dir", str(tiny_cifar), "--epochs", "3",
              "--val-size", "20", "--subset", "60", "--batch-size", "20", "--workers", "0", "--device", "cpu"]
     assert run_tune(["--trials", "0", *flags])[0] == 1  # creates the study with the paper's point queued
     study = load(tmp_path)
@@ -112,6 +112,7 @@ def test_a_trial_behind_the_median_is_pruned(tiny_cifar, tmp_path, monkeypatch):
     assert bad.state.name == "PRUNED", (paper.intermediate_values, good.intermediate_values, bad.intermediate_values)
     assert "trial 2: pruned, best val acc " in stdout and "(behind the earlier trials after epoch" in stdout
     assert bad.user_attrs["note"].startswith("behind the earlier trials") and "Traceback" not in stderr
+    assert len(bad.intermediate_values) < 3  # never pruned after its last epoch: that would save nothing
 
 
 def test_a_failing_trial_is_recorded_and_the_study_goes_on(tiny_cifar, tmp_path, monkeypatch):
