@@ -157,10 +157,18 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
     # SQLite serialises writers: wait for another process's write rather than fail at once
     engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.storages.RDBStorage(url, engine_kwargs=engine, heartbeat_interval=HEARTBEAT_S,
-                                              grace_period=GRACE_S)
+        for attempt in range(5):
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                    return optuna.storages.RDBStorage(url, engine_kwargs=engine, heartbeat_interval=HEARTBEAT_S,
+                                                      grace_period=GRACE_S)
+            except sqlalchemy.exc.SQLAlchemyError as e:
+                # another process is creating the same new database's tables at this moment: once they
+                # exist, opening it succeeds (seen with two processes starting on one SQLite file)
+                if attempt == 4 or not re.search(r"already exists|UNIQUE constraint|Duplicate", str(e)):
+                    raise
+                time.sleep(0.2 * (attempt + 1))
     except (ImportError, ValueError, OSError, sqlalchemy.exc.SQLAlchemyError) as e:
         why = " ".join(str(e).split("\n")[0].split())[:200] or type(e).__name__
         raise UsageError(f"--storage {shown_url(url)}: cannot open it ({why}); give a database URL such as "
