@@ -363,7 +363,7 @@ class Run:
     dist: Distributed
     model: nn.Module  # what trains: maybe compiled, maybe wrapped in DistributedDataParallel
     optimizer: torch.optim.Optimizer
-    train_step: EagerStep  # forward, backward and SGD step: eager or a CUDA graph
+    train_step: EagerStep  # forward, backward and optimizer step: eager or a CUDA graph
     loader: DeviceLoader | TorchvisionLoader
     sel_loader: object  # batches of the selection split
     sel_name: str  # "val" or "test"
@@ -383,8 +383,23 @@ class Run:
         return lambda step: lr_at(self.cfg, (epoch - 1) * steps + step, steps)
 
 
-def build_training(cfg: TrainConfig, device: torch.device, dist: Distributed) -> tuple[nn.Module, torch.optim.SGD]:
-    """The seeded model (SyncBatchNorm, channels-last as asked) and its SGD optimizer."""
+def make_optimizer(cfg: TrainConfig, model: nn.Module, device: torch.device) -> torch.optim.Optimizer:
+    """SGD (the paper's) or AdamW, as --optimizer says; fused where PyTorch has the fused kernel."""
+    fused = device.type in ("cuda", "cpu")
+    if cfg.optimizer == "adamw":
+        if cfg.nesterov:
+            raise UsageError("--nesterov is SGD's; AdamW has no Nesterov momentum: add --no-nesterov "
+                             "(the fast recipe turns it on)")
+        # capturable: the step counter stays on the GPU, so the step can be recorded as a CUDA graph
+        return torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.momentum, 0.999),
+                                 weight_decay=cfg.weight_decay, fused=fused, capturable=bool(cfg.cuda_graph))
+    return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                           weight_decay=cfg.weight_decay, fused=fused)
+
+
+def build_training(cfg: TrainConfig, device: torch.device,
+                   dist: Distributed) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """The seeded model (SyncBatchNorm, channels-last as asked) and its optimizer."""
     if cfg.deterministic:
         use_deterministic_algorithms(device)
     elif device.type == "cuda":
@@ -395,9 +410,7 @@ def build_training(cfg: TrainConfig, device: torch.device, dist: Distributed) ->
         model = convert_sync_batchnorm(model, device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
-                                weight_decay=cfg.weight_decay, fused=device.type in ("cuda", "cpu"))
-    return model, optimizer
+    return model, make_optimizer(cfg, model, device)
 
 
 def check_output(cfg: TrainConfig, progress: Progress, resume: str | None, overwrite: bool, model: nn.Module,
@@ -581,8 +594,10 @@ def finish(run: Run) -> None:
 
 
 def fit(cfg: TrainConfig, *, resume: str | None = None, resume_ckpt: dict | None = None, overwrite: bool = False,
-        dist: Distributed | None = None, device: torch.device) -> int:
-    """Train to cfg.epochs; returns the exit code (128 + signal when a signal stopped the run)."""
+        dist: Distributed | None = None, device: torch.device, after_epoch: Callable[[Run], None] | None = None) -> int:
+    """Train to cfg.epochs; returns the exit code (128 + signal when a signal stopped the run).
+    `after_epoch(run)` is called after each epoch's checkpoints are written (tune.py reports the
+    epoch's selection accuracy there, and stops a trial that falls behind by raising)."""
     run = start_run(cfg, resume, resume_ckpt, overwrite, dist or Distributed(), device)
     with StopFlag() as stop, contextlib.closing(run.tb):
         while run.progress.epoch < run.cfg.epochs:
@@ -591,6 +606,8 @@ def fit(cfg: TrainConfig, *, resume: str | None = None, resume_ckpt: dict | None
             if step < run.loader.steps_per_epoch:  # stopped by a signal in the middle of the epoch
                 return save_mid_epoch(run, step, totals, seconds, stop.signal or signal.SIGINT)
             end_epoch(run, epoch, totals, seconds)
+            if after_epoch is not None:
+                after_epoch(run)
             if stop.requested:
                 run.say(f"stopped by signal {stop.signal} after epoch {epoch}; continue with: "
                         f"python train.py --resume {run.out / LAST_NAME}")

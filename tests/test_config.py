@@ -83,3 +83,31 @@ def test_docs_list_every_flag():
     options = {s for a in get_args_parser()._actions for s in a.option_strings if s.startswith("--")} - {"--help"}
     missing = sorted(o for o in options if f"`{o}`" not in readme and f"`{o} " not in readme)
     assert not missing, f"docs/training.md's flag table lacks {missing}"
+
+
+def test_optimizer_adamw_trains_resumes_and_refuses_nesterov(tiny_cifar, tmp_path, capsys):
+    args = tiny_train_args(tiny_cifar, tmp_path, "--optimizer", "adamw", "--lr", "0.002", "--momentum", "0.8",
+                           "--weight-decay", "0.05", "--epochs", "1")
+    assert train.main(args) == 0
+    last = train.load_checkpoint(tmp_path / train.LAST_NAME)
+    group = last["optimizer"]["param_groups"][0]
+    assert last["config"]["optimizer"] == "adamw"
+    assert tuple(group["betas"]) == (0.8, 0.999)
+    assert group["weight_decay"] == 0.05 and "exp_avg_sq" in next(iter(last["optimizer"]["state"].values()))
+    capsys.readouterr()
+    resume = ["--resume", str(tmp_path / train.LAST_NAME), "--epochs", "2", "--device", "cpu", "--workers", "0"]
+    assert train.main([*resume, "--optimizer", "sgd"]) == 2
+    assert "a resumed run keeps its recipe" in capsys.readouterr().err
+    assert train.main(resume) == 0  # goes on with AdamW and its moments
+    assert train.load_checkpoint(tmp_path / train.LAST_NAME)["epoch"] == 2
+    assert train.main(tiny_train_args(tiny_cifar, tmp_path / "fast", "--recipe", "fast", "--optimizer", "adamw")) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--no-nesterov" in err
+
+
+def test_paper_optimizer_is_sgd():
+    model = resnet9()
+    optimizer = train.make_optimizer(TrainConfig(), model, torch.device("cpu"))
+    assert type(optimizer) is torch.optim.SGD
+    group = optimizer.param_groups[0]
+    assert (group["lr"], group["momentum"], group["nesterov"], group["weight_decay"]) == (0.01, 0.9, False, 0.0)
