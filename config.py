@@ -41,6 +41,7 @@ SEED = _check(int, lambda v: abs(v) < 2**62, "an integer between -2**62 and 2**6
 POSITIVE_FLOAT = _check(float, lambda v: math.isfinite(v) and v > 0, "a positive finite number")
 NONNEG_FLOAT = _check(float, lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
 FRACTION = _check(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
+PIXELS = _check(int, lambda v: 0 <= v <= 16, "a number of pixels in 0..16")
 DEGREES = _check(float, lambda v: 0 <= v <= 180, "an angle in [0, 180] degrees")
 # -1 is how the config holds `auto`; typed as a number it is refused like any other negative count.
 WORKERS = _check(lambda s: -1 if s == "auto" else NONNEG_INT(s), lambda v: v >= -1, "'auto' or an integer >= 0")
@@ -74,7 +75,11 @@ class TrainConfig:
     weight_decay: float = _field(0.0, "weight decay: L2 with SGD, decoupled with AdamW", NONNEG_FLOAT)
     label_smoothing: float = _field(0.0, "label smoothing of the cross-entropy", FRACTION)
     rotation: float = _field(10.0, "random rotation range, +- degrees (0: none)", DEGREES)
+    cutout: int = _field(0, "side of a square blanked at a random place of each training image, pixels (0: none; "
+                         "device loader)", PIXELS)
     tta: bool = _field(False, "evaluate with horizontal-flip test-time augmentation")
+    tta_shift: int = _field(0, "with --tta, also average the image and its mirror image shifted by this many pixels "
+                            "diagonally, both ways: 6 views (0: 2 views)", PIXELS)
     seed: int = _field(0, "seed of the initial weights, the shuffling and the augmentation", SEED)
     val_size: int = _field(5000, "training images held out to pick the best epoch; 0 picks on the test set "
                            "as the paper did (optimistic)", NONNEG_INT)

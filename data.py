@@ -368,25 +368,36 @@ def normalize_batch(images: torch.Tensor) -> torch.Tensor:
     return (images.float() / 255 - mean) / std
 
 
-def augment_params(n: int, generator: torch.Generator, rotation: float = 10.0) -> dict[str, torch.Tensor]:
+def augment_params(n: int, generator: torch.Generator, rotation: float = 10.0,
+                   cutout: int = 0) -> dict[str, torch.Tensor]:
     """Random parameters for n images, drawn as torchvision's transforms draw them: crop offsets
-    uniform in 0..2*PAD, a flip with probability 1/2, an angle uniform in [-rotation, rotation]."""
-    return {
+    uniform in 0..2*PAD, a flip with probability 1/2, an angle uniform in [-rotation, rotation].
+    With `cutout`, also the centre of each image's blanked square, uniform over the image; drawn
+    last, so that the other draws are the same with and without it."""
+    params = {
         "top": torch.randint(0, 2 * PAD + 1, (n,), generator=generator),
         "left": torch.randint(0, 2 * PAD + 1, (n,), generator=generator),
         "flip": torch.rand(n, generator=generator) < 0.5,
         "angle": (torch.rand(n, generator=generator) * 2 - 1) * rotation,
     }
+    if cutout:
+        params["cut_y"] = torch.randint(0, 32, (n,), generator=generator)
+        params["cut_x"] = torch.randint(0, 32, (n,), generator=generator)
+    return params
 
 
 def augment_batch(images: torch.Tensor, top: torch.Tensor, left: torch.Tensor, flip: torch.Tensor,
-                  angle: torch.Tensor) -> torch.Tensor:
+                  angle: torch.Tensor, cut_y: torch.Tensor | None = None, cut_x: torch.Tensor | None = None,
+                  cutout: int = 0) -> torch.Tensor:
     """The paper's augmentation for a whole uint8 batch in one gather, with per-image parameters.
 
     For each output pixel it finds the source pixel the PIL pipeline would read: undo the rotation
     about the image centre (nearest neighbour: PIL takes the floor of the source coordinate of the
     pixel centre), undo the flip, undo the crop of the zero-padded image. Pixels that come from
-    outside the rotated window or from the padding are zero, as PIL fills them."""
+    outside the rotated window or from the padding are zero, as PIL fills them.
+
+    With `cutout` (pixels), a cutout x cutout square centred on (cut_y, cut_x) of the output is
+    zeroed as well (clipped at the border): DeVries & Taylor's cutout, filled like the padding."""
     b, c, h, w = images.shape
     dev = images.device
     theta = torch.deg2rad(angle.to(dev, torch.float32)).view(b, 1, 1)
@@ -400,17 +411,24 @@ def augment_batch(images: torch.Tensor, top: torch.Tensor, left: torch.Tensor, f
     sx = qx + left.to(dev).view(b, 1, 1) - PAD  # undo the crop of the padded image
     sy = qy + top.to(dev).view(b, 1, 1) - PAD
     inside &= (sx >= 0) & (sx < w) & (sy >= 0) & (sy < h)
+    if cutout:
+        y0 = (cut_y.to(dev) - cutout // 2).view(b, 1, 1)
+        x0 = (cut_x.to(dev) - cutout // 2).view(b, 1, 1)
+        rows, cols = torch.arange(h, device=dev).view(1, h, 1), torch.arange(w, device=dev).view(1, 1, w)
+        inside &= ~((rows >= y0) & (rows < y0 + cutout) & (cols >= x0) & (cols < x0 + cutout))
     index = (sy.clamp(0, h - 1) * w + sx.clamp(0, w - 1)).view(b, 1, h * w).expand(b, c, h * w)
     out = images.reshape(b, c, h * w).gather(2, index).view(b, c, h, w)
     return out * inside.unsqueeze(1).to(out.dtype)
 
 
-def augmented_examples(images: np.ndarray, seed: int, rotation: float = 10.0, n: int = 64) -> torch.Tensor:
+def augmented_examples(images: np.ndarray, seed: int, rotation: float = 10.0, n: int = 64,
+                       cutout: int = 0) -> torch.Tensor:
     """The first n training images as DeviceLoader augments them in epoch 1 (uint8 n x 3 x 32 x 32, on
     the CPU): the same per-image parameters, drawn for every image and indexed by it; for showing."""
     generator = torch.Generator().manual_seed(mix_seed(seed, 1))
-    params = augment_params(len(images), generator, rotation)
-    return augment_batch(to_device_images(images[:n], torch.device("cpu")), **{k: v[:n] for k, v in params.items()})
+    params = augment_params(len(images), generator, rotation, cutout)
+    return augment_batch(to_device_images(images[:n], torch.device("cpu")), **{k: v[:n] for k, v in params.items()},
+                         cutout=cutout)
 
 
 class DeviceLoader(_EpochBatches):
@@ -421,8 +439,8 @@ class DeviceLoader(_EpochBatches):
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, batch_size: int, *, seed: int,
                  device: torch.device, rank: int = 0, world_size: int = 1, rotation: float = 10.0,
-                 epoch_chunk: int | None = None) -> None:
-        self.batch_size, self.rotation, self.device = batch_size, rotation, device
+                 epoch_chunk: int | None = None, cutout: int = 0) -> None:
+        self.batch_size, self.rotation, self.cutout, self.device = batch_size, rotation, cutout, device
         # On a GPU the epoch is augmented up front in a few large launches (50,000 images are 600 MB
         # as float32): at batch 64, launching the augmentation's kernels per batch would cost more
         # time than the step itself. On the CPU batch by batch: the same pixels, less memory.
@@ -436,11 +454,13 @@ class DeviceLoader(_EpochBatches):
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         order = torch.tensor(self.sampler.indices(), dtype=torch.long).to(self.device)
         generator = torch.Generator().manual_seed(mix_seed(self.sampler.seed, self.sampler.epoch))
-        params = {k: v.to(self.device) for k, v in augment_params(len(self.images), generator, self.rotation).items()}
+        params = {k: v.to(self.device)
+                  for k, v in augment_params(len(self.images), generator, self.rotation, self.cutout).items()}
         chunk = max(1, self.epoch_chunk // self.batch_size) * self.batch_size  # whole batches per launch
         for start in range(0, len(order), chunk):
             idx = order[start:start + chunk]
-            x = normalize_batch(augment_batch(self.images[idx], **{k: v[idx] for k, v in params.items()}))
+            x = normalize_batch(augment_batch(self.images[idx], **{k: v[idx] for k, v in params.items()},
+                                              cutout=self.cutout))
             y = self.labels[idx]
             for i in range(0, len(idx), self.batch_size):
                 yield x[i:i + self.batch_size], y[i:i + self.batch_size]

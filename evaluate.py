@@ -58,22 +58,37 @@ def _prepare(x: torch.Tensor, device: torch.device, channels_last: bool) -> torc
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
-def forward(model: nn.Module, x: torch.Tensor, *, tta: bool = False) -> torch.Tensor:
-    """Logits (float32); with `tta`, the mean of the logits of the images and their mirror images."""
-    logits = model(x).float()
-    return (logits + model(x.flip(3)).float()) / 2 if tta else logits
+def shifted(x: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
+    """Normalised images moved by (dy, dx) pixels, the uncovered border black: the colour the
+    training crop's zero padding has after normalisation."""
+    h, w = x.shape[-2:]
+    black = normalize_batch(torch.zeros(1, x.shape[1], 1, 1, dtype=torch.uint8, device=x.device)).to(x.dtype)
+    out = torch.empty_like(x)  # the same memory format as x
+    out[:] = black
+    out[..., max(dy, 0):h + min(dy, 0), max(dx, 0):w + min(dx, 0)] = \
+        x[..., max(-dy, 0):h + min(-dy, 0), max(-dx, 0):w + min(-dx, 0)]
+    return out
+
+
+def forward(model: nn.Module, x: torch.Tensor, *, tta: bool = False, shift: int = 0) -> torch.Tensor:
+    """Logits (float32); with `tta`, the mean of the logits of the images and their mirror images,
+    and with `shift` also of both moved by `shift` pixels down-right and up-left (6 views)."""
+    if not tta:
+        return model(x).float()
+    views = [x] + [shifted(x, d, d) for d in ((shift, -shift) if shift else ())]
+    return torch.stack([model(v).float() + model(v.flip(3)).float() for v in views]).sum(0) / (2 * len(views))
 
 
 @torch.inference_mode()
 def evaluate(model: nn.Module, loader, device: torch.device, *, amp: bool = False, channels_last: bool = False,
-             tta: bool = False, reduce: Callable[[torch.Tensor], torch.Tensor] = lambda t: t) -> dict:
+             tta: bool = False, shift: int = 0, reduce: Callable[[torch.Tensor], torch.Tensor] = lambda t: t) -> dict:
     """Mean cross-entropy and top-1 accuracy (%) over a loader; `reduce` sums the totals across ranks."""
     model.eval()
     sums = torch.zeros(3, device=device)  # loss sum, correct, images; kept on the device: no per-batch sync
     for x, y in loader:
         x, y = _prepare(x, device, channels_last), y.to(device, non_blocking=True)
         with autocast(device, amp):
-            logits = forward(model, x, tta=tta)
+            logits = forward(model, x, tta=tta, shift=shift)
         sums[0] += F.cross_entropy(logits, y, reduction="sum")
         sums[1] += (logits.argmax(1) == y).sum()
         sums[2] += len(y)
@@ -83,13 +98,13 @@ def evaluate(model: nn.Module, loader, device: torch.device, *, amp: bool = Fals
 
 @torch.inference_mode()
 def predict(model: nn.Module, loader, device: torch.device, *, amp: bool = False, channels_last: bool = False,
-            tta: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+            tta: bool = False, shift: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits (float32, on the CPU) and labels for every image, one batch in memory at a time."""
     model.eval()
     all_logits, all_labels = [], []
     for x, y in loader:
         with autocast(device, amp):
-            logits = forward(model, _prepare(x, device, channels_last), tta=tta)
+            logits = forward(model, _prepare(x, device, channels_last), tta=tta, shift=shift)
         all_logits.append(logits.cpu())
         all_labels.append(y.cpu())
     return torch.cat(all_logits), torch.cat(all_labels)
@@ -124,11 +139,14 @@ def channels_last(device: torch.device) -> bool:
     return device.type in ("cpu", "cuda")
 
 
-def tta_report(model: nn.Module, loader, device: torch.device, plain_accuracy: float, amp: bool = False) -> dict:
-    """Accuracy, loss and ECE with horizontal-flip averaging, and its gain over the plain accuracy."""
-    logits, labels = predict(model, loader, device, amp=amp, tta=True, channels_last=channels_last(device))
+def tta_report(model: nn.Module, loader, device: torch.device, plain_accuracy: float, amp: bool = False,
+               shift: int = 0) -> dict:
+    """Accuracy, loss and ECE with horizontal-flip averaging (and shifted views), and its gain over
+    the plain accuracy."""
+    logits, labels = predict(model, loader, device, amp=amp, tta=True, shift=shift,
+                             channels_last=channels_last(device))
     accuracy = metrics.top_k_accuracy(logits, labels, 1)
-    return {"accuracy": accuracy, "loss": F.cross_entropy(logits, labels).item(),
+    return {"accuracy": accuracy, "loss": F.cross_entropy(logits, labels).item(), "shift": shift,
             "ece": calibration(logits.softmax(1), labels)["ece"], "gain": accuracy - plain_accuracy}
 
 
@@ -191,7 +209,8 @@ def evaluate_test_set(model: nn.Module, images: np.ndarray, labels: np.ndarray, 
     report = plain_report(model, loader, device, args.amp)
     print(f"{args.checkpoint}: {report['n']} test images in {report['seconds']:.1f}s on {device} ({args.amp_why})")
     print_plain(report)
-    report["tta"] = tta_report(model, loader, device, report["accuracy"], args.amp) if args.tta else None
+    report["tta"] = (tta_report(model, loader, device, report["accuracy"], args.amp, args.tta_shift) if args.tta
+                     else None)
     if report["tta"]:
         print_tta(report["tta"], report["accuracy"])
     report["robustness"] = None
@@ -220,7 +239,9 @@ def print_plain(report: dict) -> None:
 
 
 def print_tta(tta: dict, plain_accuracy: float) -> None:
-    print(f"TTA (mean of image and mirror image): top-1 accuracy {tta['accuracy']:.2f}% "
+    views = (f"6 views: image and mirror image, as they are and moved by {tta['shift']} px both ways diagonally"
+             if tta.get("shift") else "mean of image and mirror image")
+    print(f"TTA ({views}): top-1 accuracy {tta['accuracy']:.2f}% "
           f"({tta['gain']:+.2f} points vs plain {plain_accuracy:.2f}%), ECE {tta['ece']:.2f}%")
 
 
@@ -301,7 +322,7 @@ def _image_error(e: Exception) -> str:
 
 
 def classify_files(model: nn.Module, paths: Sequence[str], device: torch.device, batch_size: int,
-                   tta: bool = False, amp: bool = False) -> int:
+                   tta: bool = False, amp: bool = False, shift: int = 0) -> int:
     """Print the top-3 classes of each image file; 1 if any file could not be read (the rest still run)."""
     images, readable = [], []
     for path in paths:
@@ -313,7 +334,7 @@ def classify_files(model: nn.Module, paths: Sequence[str], device: torch.device,
     if images:
         loader = make_eval_loader(np.stack(images), np.zeros(len(images), dtype=np.int64), batch_size, workers=0,
                                   device=device, on_device=True)
-        logits, _ = predict(model, loader, device, amp=amp, tta=tta, channels_last=channels_last(device))
+        logits, _ = predict(model, loader, device, amp=amp, tta=tta, shift=shift, channels_last=channels_last(device))
         for path, top in zip(readable, metrics.top_k_classes(logits.softmax(1), CLASSES, 3), strict=True):
             print(f"{path}: " + ", ".join(f"{name} {100 * p:.1f}%" for name, p in top))
     return 0 if len(readable) == len(paths) else 1
@@ -333,6 +354,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--tta", action="store_true",
                    help="also report accuracy with test-time augmentation (mean logits of image and mirror image)")
+    p.add_argument("--tta-shift", type=int, default=None, metavar="PX",
+                   help="with --tta, also average over the views moved by PX pixels diagonally both ways (6 views; "
+                        "default: the checkpoint's own --tta-shift, 0 if it has none)")
     p.add_argument("--robustness", action=argparse.BooleanOptionalAction, default=None,
                    help="accuracy under 5 corruptions x 3 severities: 15 more passes over the test set, "
                         "about 18 min for 10,000 images on 2 CPU cores (default: on, except on the CPU)")
@@ -368,7 +392,12 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.limit < 0:
         raise ValueError(f"--limit must be 0 (all test images) or more, got {args.limit}")
+    if args.tta_shift is not None and not 0 <= args.tta_shift <= 16:
+        raise ValueError(f"--tta-shift must be in 0..16 pixels, got {args.tta_shift}")
     ckpt = load_checkpoint(args.checkpoint)
+    if args.tta_shift is None:
+        saved = (ckpt.get("config") or {}).get("tta_shift", 0)
+        args.tta_shift = saved if type(saved) is int and 0 <= saved <= 16 else 0
     device = pick_device(args.device)
     given = (args.amp, "--amp" if args.amp else "--no-amp")
     args.amp, args.amp_why = default_amp(device) if args.amp is None else given
@@ -376,7 +405,7 @@ def run(args: argparse.Namespace) -> int:
     if channels_last(device):
         model = model.to(memory_format=torch.channels_last)
     if args.image:
-        return classify_files(model, args.image, device, args.batch_size, args.tta, args.amp)
+        return classify_files(model, args.image, device, args.batch_size, args.tta, args.amp, args.tta_shift)
     out_dir = Path(args.out_dir or Path("eval") / Path(args.checkpoint).stem)
     out_dir.mkdir(parents=True, exist_ok=True)
     images, labels = load_test_set(args.data_dir, args.limit)

@@ -320,18 +320,20 @@ def build_loaders(cfg: TrainConfig, device: torch.device, dist: Distributed):
         sel_images, sel_labels, sel_name = data.test_images, data.test_labels, "test"
     workers = default_workers(device) if cfg.workers == -1 else cfg.workers
     on_device = cfg.loader == "device"
+    if cfg.cutout and not on_device:
+        raise UsageError("--cutout is done by the device loader; drop --loader torchvision or --cutout")
     common = {"seed": cfg.seed, "device": device, "rank": dist.rank, "world_size": dist.world_size,
               "rotation": cfg.rotation}
     images, labels, local_batch = data.train_images[train_idx], data.train_labels[train_idx], \
         cfg.batch_size // dist.world_size
-    loader = (DeviceLoader(images, labels, local_batch, **common) if on_device
+    loader = (DeviceLoader(images, labels, local_batch, cutout=cfg.cutout, **common) if on_device
               else TorchvisionLoader(images, labels, local_batch, workers=workers, **common))
     sel_loader = make_eval_loader(sel_images, sel_labels, EVAL_BATCH, workers=workers, device=device,
                                   rank=dist.rank, world_size=dist.world_size, on_device=on_device)
     summary = (f"training {cfg.arch} on {len(train_idx)} images, selecting on {len(sel_labels)} {sel_name} images"
                f"{' (the paper protocol: optimistic)' if not cfg.val_size else ''}; {cfg.loader} loader"
                f"{'' if on_device else f' with {workers} worker(s)'}")
-    examples = functools.partial(augmented_examples, images[:64], cfg.seed, cfg.rotation)
+    examples = functools.partial(augmented_examples, images[:64], cfg.seed, cfg.rotation, cutout=cfg.cutout)
     return loader, sel_loader, sel_name, summary, examples
 
 
@@ -519,7 +521,7 @@ def end_epoch(run: Run, epoch: int, totals: list[float], train_seconds: float) -
     dist.broadcast_buffers(unwrap(run.model))
     eval_model = run.model.module if dist.enabled else run.model  # no DDP hooks where there is no backward
     val = evaluate(eval_model, run.sel_loader, run.device, amp=cfg.amp, channels_last=cfg.channels_last,
-                   tta=cfg.tta, reduce=dist.all_reduce_sum)
+                   tta=cfg.tta, shift=cfg.tta_shift, reduce=dist.all_reduce_sum)
     seconds = train_seconds + time.perf_counter() - start
     improved = val["acc"] > progress.best_acc
     reloaded = not improved and cfg.reload_best and run.best_weights is not None
@@ -554,7 +556,7 @@ def selection_confusion(run: Run) -> np.ndarray:
     k, cfg = len(CLASSES), run.cfg
     eval_model = run.model.module if run.dist.enabled else run.model
     logits, labels = predict(eval_model, run.sel_loader, run.device, amp=cfg.amp, channels_last=cfg.channels_last,
-                             tta=cfg.tta)
+                             tta=cfg.tta, shift=cfg.tta_shift)
     counts = torch.bincount(labels * k + logits.argmax(1), minlength=k * k).to(run.device)
     return run.dist.all_reduce_sum(counts).reshape(k, k).cpu().numpy()
 

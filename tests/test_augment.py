@@ -156,3 +156,40 @@ def test_device_eval_batches_equal_the_eval_transform(batch):
     got = torch.cat([x for x, _ in DeviceBatches(images, labels, batch, CPU)])
     expected = torch.stack([eval_transform()(Image.fromarray(im)) for im in images])
     torch.testing.assert_close(got, expected)
+
+
+def test_cutout_blanks_one_clipped_square_and_leaves_the_other_draws_alone():
+    """With --cutout the crop, flip and angle draws are the ones drawn without it; each image differs
+    from its cutout-free twin exactly inside the square centred on its drawn centre (clipped at the
+    border), where it is zero."""
+    images, size = _images(32), 8
+    plain = augment_params(32, torch.Generator().manual_seed(2), rotation=0.0)
+    cut = augment_params(32, torch.Generator().manual_seed(2), rotation=0.0, cutout=size)
+    assert all(torch.equal(plain[k], cut[k]) for k in plain)
+    source = to_device_images(images, CPU)
+    without, with_cut = augment_batch(source, **plain), augment_batch(source, **cut, cutout=size)
+    for i in range(32):
+        y0, x0 = int(cut["cut_y"][i]) - size // 2, int(cut["cut_x"][i]) - size // 2
+        square = torch.zeros(32, 32, dtype=torch.bool)
+        square[max(y0, 0):y0 + size, max(x0, 0):x0 + size] = True
+        assert (with_cut[i][:, square] == 0).all()
+        assert torch.equal(with_cut[i][:, ~square], without[i][:, ~square])
+    centres = torch.stack([cut["cut_y"], cut["cut_x"]])
+    assert centres.min() >= 0 and centres.max() <= 31 and len(set(cut["cut_y"].tolist())) > 8
+
+
+def test_device_loader_applies_cutout():
+    images = _images(128)
+    labels = np.zeros(128, dtype=np.int64)
+    common = {"seed": 0, "device": CPU, "rotation": 0.0}
+    plain = DeviceLoader(images, labels, 64, **common)
+    cut = DeviceLoader(images, labels, 64, cutout=12, **common)
+    for loader in (plain, cut):
+        loader.set_epoch(1)
+    black = DeviceBatches(np.zeros((1, 32, 32, 3), np.uint8), np.zeros(1, np.int64), 1, CPU)
+    black_value = next(iter(black))[0][0, :, 0, 0]  # a zero pixel after normalisation
+    for (a, _), (b, _) in zip(plain, cut, strict=True):
+        changed = (a != b).any(1)  # B x H x W: pixels the cutout changed
+        per_image = changed.flatten(1).sum(1)
+        assert (per_image <= 144).all() and (per_image > 0).float().mean() > 0.9
+        assert torch.allclose(b.permute(0, 2, 3, 1)[changed], black_value.expand(int(changed.sum()), 3))

@@ -105,3 +105,29 @@ def test_wrapped_state_dict_keys_load(trained_run, tmp_path, prefix):
     save_checkpoint(ckpt, tmp_path / "wrapped.pth")  # a new digest: the renamed tensors are another checkpoint
     model = model_from_checkpoint(load_checkpoint(tmp_path / "wrapped.pth"))
     assert torch.equal(model.conv1.weight, load_checkpoint(trained_run / train.BEST_NAME)["model"]["conv1.weight"])
+
+
+def test_tta_shift_averages_six_views_moved_with_a_black_border():
+    """--tta-shift 2: the logits are the mean over the image, the image moved 2 px down-right and 2 px
+    up-left, and the mirror image of each; uncovered pixels are black (zero before normalisation),
+    as the training crop's padding is."""
+    from data import normalize_batch
+    from evaluate import forward, shifted
+
+    x = normalize_batch(torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8))
+    black = normalize_batch(torch.zeros(1, 3, 1, 1, dtype=torch.uint8))
+    down = shifted(x, 2, 2)
+    assert torch.equal(down[..., 2:, 2:], x[..., :-2, :-2])
+    assert torch.equal(down[..., :2, :], black.expand(3, 3, 2, 32))
+    up = shifted(x, -2, -2)
+    assert torch.equal(up[..., :-2, :-2], x[..., 2:, 2:]) and torch.equal(up[..., -2:, :], black.expand(3, 3, 2, 32))
+
+    seen = []
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 10))
+    model.register_forward_hook(lambda m, inputs, out: seen.append(inputs[0].clone()))
+    logits = forward(model, x, tta=True, shift=2)
+    views = [x, x.flip(3), down, down.flip(3), up, up.flip(3)]
+    assert len(seen) == 6 and all(any(torch.equal(s, v) for s in seen) for v in views)
+    expected = torch.stack([model(v) for v in views]).mean(0)
+    torch.testing.assert_close(logits, expected)
+    assert torch.equal(forward(model, x, tta=True, shift=0), (model(x) + model(x.flip(3))) / 2)
