@@ -89,8 +89,8 @@ def score(run_dir: Path, data_dir: str, device: str, limit: int = 0) -> dict:
     from runtime import default_amp, pick_device
 
     ckpt = load_checkpoint(run_dir / "last.pth")
-    if isinstance(ckpt.get("ema"), dict) and ckpt["ema"].get("weights"):
-        ckpt = {**ckpt, "model": ckpt["ema"]["weights"]}
+    if isinstance(ckpt.get("ema"), dict) and isinstance(ckpt["ema"].get("model"), dict):
+        ckpt = {**ckpt, "model": ckpt["ema"]["model"]}  # --ema: the average is the model
     dev = pick_device(device)
     model = model_from_checkpoint(ckpt, str(run_dir / "last.pth")).to(dev)
     if channels_last(dev):
