@@ -31,3 +31,19 @@ def test_dry_run_trains_scores_and_confirms(tiny_cifar, tmp_path):
     accs = [r["score"]["flip_shift2"] for r in runs if r["name"] == best["name"]]
     assert row["seeds"] == [0, 1, 2] and abs(row["mean"] - sum(accs) / 3) < 0.01
     assert "±" in proc.stdout
+
+
+def test_plot_reads_results(tmp_path):
+    """The plot script draws a PNG from a results.json, and says so in one line when it cannot read one."""
+    run = lambda epochs, seed, acc: {"name": "base", "epochs": epochs, "seed": seed, "flags": [],
+                                     "score": {"plain": acc, "flip": acc, "flip_shift2": acc},
+                                     "history": [{"epoch": e + 1, "val_acc": acc} for e in range(epochs)]}
+    report = {"runs": [run(10, 0, 80.0), run(20, 0, 85.0), run(20, 1, 84.0), run(20, 2, 86.0)],
+              "confirmed": [{"variant": "base-e20", "seeds": [0, 1, 2], "mean": 85.0, "std": 1.0, "flags": []}]}
+    (tmp_path / "results.json").write_text(json.dumps(report))
+    script = str(ROOT / "bench" / "plot_search.py")
+    proc = subprocess.run([sys.executable, script, str(tmp_path / "results.json")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "time_to_accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    proc = subprocess.run([sys.executable, script, str(tmp_path / "missing.json")], capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "missing.json" in proc.stderr
