@@ -25,13 +25,11 @@ class WeightAverage:
         source = unwrap(model)
         self.model = copy.deepcopy(source).requires_grad_(False).eval()  # starts at the initial weights
         self.decay, self.every, self.updates = decay, every, 0
-        # Tensors pair up by name once: the model's are updated in place by the optimizer (and, in a
-        # CUDA graph, by its replays), so these references stay the live weights for the whole run.
-        # The weights are float32 (bf16 is autocast only), so the average is float32 too.
-        self._weights = [p for _, p in source.named_parameters()]
-        self._average = [p for _, p in self.model.named_parameters()]
-        self._buffers = [b for _, b in source.named_buffers()]
-        self._average_buffers = [b for _, b in self.model.named_buffers()]
+        # The tensors pair up once, in a deep copy's order. The model's are updated in place by the
+        # optimizer (and, in a CUDA graph, by its replays), so these references stay the live weights
+        # for the whole run. They are float32 (bf16 is autocast only), so the average is float32 too.
+        self._live_weights, self._avg_weights = list(source.parameters()), list(self.model.parameters())
+        self._live_buffers, self._avg_buffers = list(source.buffers()), list(self.model.buffers())
 
     def after_step(self, run_step: int) -> None:
         """Called after each optimizer step with the steps the run has taken (counted over the whole
@@ -43,12 +41,12 @@ class WeightAverage:
     def update(self) -> None:
         """One update, in two fused calls and without a host sync (d is a Python number)."""
         decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        torch._foreach_lerp_(self._average, self._weights, 1 - decay)
-        # BatchNorm's running statistics are copied, not averaged (as timm's and airbench's EMAs do):
+        torch._foreach_lerp_(self._avg_weights, self._live_weights, 1 - decay)
+        # BatchNorm's running statistics are copied, not averaged (a common choice for weight EMAs):
         # they are a moving average over batches already, so averaging them again would only add lag.
         # Exact would be to measure them anew for the averaged weights (swa_utils.update_bn): a pass
         # over the training images per evaluation.
-        torch._foreach_copy_(self._average_buffers, self._buffers)
+        torch._foreach_copy_(self._avg_buffers, self._live_buffers)
         self.updates += 1
 
     def state_dict(self) -> dict:

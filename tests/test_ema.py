@@ -7,9 +7,8 @@ from torch import nn
 
 import train
 from checkpoint import load_checkpoint, save_checkpoint
-from conftest import tiny_train_args
+from conftest import assert_same_run, final_state, stop_at_training_step, tiny_train_args
 from ema import WeightAverage
-from test_train import _assert_same_run, _final_state, _stop_at_training_step
 
 
 def test_the_average_follows_the_warmed_up_decay_and_copies_the_buffers():
@@ -18,7 +17,7 @@ def test_the_average_follows_the_warmed_up_decay_and_copies_the_buffers():
         for p in model.parameters():
             p.fill_(0.0)
     average = WeightAverage(model, decay=0.2, every=2)
-    for run_step, value in zip(range(1, 7), [9.0, 1.0, 9.0, 2.0, 9.0, 4.0]):
+    for run_step, value in enumerate([9.0, 1.0, 9.0, 2.0, 9.0, 4.0], start=1):
         with torch.no_grad():
             for p in model.parameters():
                 p.fill_(value)
@@ -63,13 +62,13 @@ def test_a_run_stopped_mid_epoch_resumes_the_average_exactly(tiny_cifar, tmp_pat
     reference = tmp_path / "reference"
     assert train.main(tiny_train_args(tiny_cifar, reference, *flags)) == 0
     out = tmp_path / "stopped"
-    _stop_at_training_step(monkeypatch, 3)  # epoch 2, after its first step
+    stop_at_training_step(monkeypatch, 3)  # epoch 2, after its first step
     assert train.main(tiny_train_args(tiny_cifar, out, *flags)) == 128 + signal.SIGINT
     assert "stopped by signal 2 in epoch 2 at step 1/2" in capsys.readouterr().out
     assert load_checkpoint(out / train.LAST_NAME)["ema"]["updates"] == 1
     monkeypatch.undo()
     assert train.main(["--resume", str(out / train.LAST_NAME)]) == 0
-    _assert_same_run(_final_state(reference), _final_state(out))
+    assert_same_run(final_state(reference), final_state(out))
     a, b = (load_checkpoint(folder / train.LAST_NAME)["ema"] for folder in (reference, out))
     assert a["updates"] == b["updates"] == 2
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
