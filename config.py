@@ -87,6 +87,9 @@ class TrainConfig:
     reload_best: bool = _field(False, "after an epoch that did not improve, go back to the best weights (a reading "
                                "of the paper that pins training to its best epoch; off: the best model is saved "
                                "and training goes on, the reading that gives the paper's curves; README)")
+    ema: float = _field(0.0, "exponential moving average of the weights: the decay per --ema-every steps (0: off); "
+                        "the average is what is evaluated and saved", FRACTION)
+    ema_every: int = _field(5, "optimizer steps between updates of the weight average (--ema)", POSITIVE_INT)
     loader: str = _field("device", "device: data held and augmented on the training device; torchvision: "
                          "the paper's PIL pipeline in DataLoader workers", str, choices=("device", "torchvision"))
     amp: bool | None = _field(None, "bf16 autocast (default: on with CUDA, and on a CPU with native bf16: AMX or "

@@ -13,7 +13,8 @@ and training goes on (--reload-best instead goes back to the best weights after 
 not improve: the other reading of the paper's sentence; README, "The paper's reload").
 model/last.pth holds the full state after every epoch (and at Ctrl-C), history.json the curves'
 numbers; loss_curve.png and accuracy_curve.png are drawn at the end. --tensorboard [DIR] also
-logs the run for TensorBoard (tensorboard_log.py, docs/tensorboard.md).
+logs the run for TensorBoard (tensorboard_log.py, docs/tensorboard.md). With --ema DECAY an
+exponential moving average of the weights (ema.py) is what is evaluated and saved as the best.
 """
 from __future__ import annotations
 
@@ -52,6 +53,7 @@ from data import (
     make_eval_loader,
     split_train_val,
 )
+from ema import WeightAverage
 from evaluate import evaluate, predict
 from model import build_model
 from runtime import (
@@ -103,7 +105,8 @@ def _sync_point(sums: torch.Tensor, stop: StopFlag, dist: Distributed, bar: tqdm
 def train_one_epoch(train_step: EagerStep, loader, *, stop: StopFlag, sums: torch.Tensor, start_step: int = 0,
                     lr_for_step: Callable[[int], float] | None = None, dist: Distributed | None = None,
                     desc: str = "", on_sync: Callable[[int, float, float], None] | None = None,
-                    on_speed: Callable[[float, int], None] | None = None) -> int:
+                    on_speed: Callable[[float, int], None] | None = None,
+                    after_step: Callable[[int], None] | None = None) -> int:
     """Train over the loader's remaining steps of this epoch, adding [loss sum, correct, images] of
     this process into `sums` (on the device: no host sync per step). At each sync point
     `on_sync(step, loss sum, images)` gets the epoch's sums so far over all processes.
@@ -111,7 +114,8 @@ def train_one_epoch(train_step: EagerStep, loader, *, stop: StopFlag, sums: torc
     Stops after a step when a stop was requested (single process), or at the next sync point where
     all processes agree (torchrun). Returns the step of the epoch reached. `on_speed(images/s, steps)`
     is called once, at the first sync point, with the speed measured since the first step ended
-    (that step's one-off costs left out)."""
+    (that step's one-off costs left out). `after_step(step)` follows each optimizer step (the
+    weight average's update)."""
     dist = dist or Distributed()
     train_step.model.train()
     step = start_step
@@ -129,6 +133,8 @@ def train_one_epoch(train_step: EagerStep, loader, *, stop: StopFlag, sums: torc
         sums[1] += (logits.argmax(1) == y).sum()
         sums[2] += len(y)
         step += 1
+        if after_step is not None:
+            after_step(step)
         bar.update(len(y) * dist.world_size)
         stopping = stop.requested and not dist.enabled
         if timed_from is not None:
@@ -175,10 +181,14 @@ class Progress:
             raise TypeError("its progress record is malformed")
 
 
-def _last_state(cfg: TrainConfig, progress: Progress, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    return {"kind": "last", "config": dataclasses.asdict(cfg), "progress": dataclasses.asdict(progress),
-            "model": clean_state_dict(unwrap(model).state_dict()), "optimizer": optimizer.state_dict(),
-            "epoch": progress.epoch, "rng": rng_state(), "torch_version": str(torch.__version__)}
+def _last_state(cfg: TrainConfig, progress: Progress, model: nn.Module, optimizer: torch.optim.Optimizer,
+                ema: WeightAverage | None) -> dict:
+    state = {"kind": "last", "config": dataclasses.asdict(cfg), "progress": dataclasses.asdict(progress),
+             "model": clean_state_dict(unwrap(model).state_dict()), "optimizer": optimizer.state_dict(),
+             "epoch": progress.epoch, "rng": rng_state(), "torch_version": str(torch.__version__)}
+    if ema is not None:
+        state["ema"] = ema.state_dict()  # its tensors are covered by the checkpoint's SHA-256 like the model's
+    return state
 
 
 def _best_state(cfg: TrainConfig, progress: Progress, weights: dict, metrics: dict) -> dict:
@@ -238,13 +248,20 @@ def load_resume(path: str) -> dict:
     return ckpt
 
 
-def restore(ckpt: dict, path: str, model: nn.Module, optimizer: torch.optim.Optimizer) -> Progress:
-    """Load a last.pth's state into the model, the optimizer and the RNGs; return the run's progress."""
+def restore(ckpt: dict, path: str, model: nn.Module, optimizer: torch.optim.Optimizer,
+            ema: WeightAverage | None) -> Progress:
+    """Load a last.pth's state into the model, the optimizer, the weight average and the RNGs;
+    return the run's progress."""
+    if ema is not None and "ema" not in ckpt:
+        raise CheckpointError(f"{path}: holds no weight average though its config has --ema {ema.decay:g}; "
+                              "the file is damaged")
     try:
         progress = Progress(**ckpt["progress"])
         progress.check()
         unwrap(model).load_state_dict(clean_state_dict(ckpt["model"]))
         optimizer.load_state_dict(ckpt["optimizer"])
+        if ema is not None:
+            ema.load_state_dict(ckpt["ema"])
         set_rng_state(ckpt["rng"])
     except (TypeError, KeyError, ValueError, RuntimeError, IndexError, AttributeError, OverflowError) as e:
         raise CheckpointError(f"{path}: cannot resume from it ({type(e).__name__}: "
@@ -254,7 +271,8 @@ def restore(ckpt: dict, path: str, model: nn.Module, optimizer: torch.optim.Opti
 
 def finish_best_write(cfg: TrainConfig, out: Path, progress: Progress, model: nn.Module) -> bool:
     """Write the best checkpoint again if the run stopped between last.pth and it: then last.pth's
-    epoch is the best one and its weights are the best weights. Returns whether it wrote."""
+    epoch is the best one and `model` (the one evaluated: the weight average with --ema) holds the
+    best weights. Returns whether it wrote."""
     row = next((h for h in progress.history if h["epoch"] == progress.best_epoch), None)
     if progress.step or progress.best_epoch != progress.epoch or row is None:
         return False
@@ -372,11 +390,19 @@ class Run:
     progress: Progress
     best_weights: dict | None
     tb: TensorBoardLog  # writes only on rank 0 and with --tensorboard
+    ema: WeightAverage | None  # the average of the weights with --ema
     speed_said: bool = False  # whether the speed of the first steps was said
 
     def say(self, text: str) -> None:
         if self.dist.is_main:
             print(text)
+
+    def selected_model(self) -> nn.Module:
+        """The model evaluated on the selection split and saved as the best: the weight average with
+        --ema, else the trained one (outside DDP: no hooks where there is no backward)."""
+        if self.ema is not None:
+            return self.ema.model
+        return self.model.module if self.dist.enabled else self.model
 
     def lr_schedule(self, epoch: int) -> Callable[[int], float] | None:
         if self.cfg.schedule == "constant":
@@ -439,12 +465,16 @@ def start_run(cfg: TrainConfig, resume: str | None, resume_ckpt: dict | None, ov
     if cfg.batch_size % dist.world_size:
         raise UsageError(f"--batch-size {cfg.batch_size} is the global batch and must divide evenly "
                          f"over {dist.world_size} processes")
+    if cfg.ema and cfg.reload_best:
+        raise UsageError("--ema and --reload-best: going back to the best weights is not defined for an average "
+                         "of the weights; pick one")
     amp_why = (default_amp(device)[1] if cfg.amp is None else "as the resumed run" if resume_ckpt is not None
                else "--amp" if cfg.amp else "--no-amp")
     cfg = platform_defaults(cfg, device, dist.enabled)
     model, optimizer = build_training(cfg, device, dist)
-    progress = restore(resume_ckpt, resume, model, optimizer) if resume_ckpt is not None else Progress()
-    check_output(cfg, progress, resume, overwrite, model, dist)
+    ema = WeightAverage(model, cfg.ema, cfg.ema_every) if cfg.ema else None
+    progress = restore(resume_ckpt, resume, model, optimizer, ema) if resume_ckpt is not None else Progress()
+    check_output(cfg, progress, resume, overwrite, ema.model if ema else model, dist)
     tb = open_tensorboard(cfg, progress.run_id, dist)
     loader, sel_loader, sel_name, summary, examples = build_loaders(cfg, device, dist)
     best_weights = None
@@ -458,9 +488,10 @@ def start_run(cfg: TrainConfig, resume: str | None, resume_ckpt: dict | None, ov
                            device=device, amp=cfg.amp, channels_last=cfg.channels_last, cuda_graph=cfg.cuda_graph,
                            batch_size=loader.batch_size)
     run = Run(cfg, Path(cfg.out), device, dist, model, optimizer, train_step, loader, sel_loader, sel_name, progress,
-              best_weights, tb)
+              best_weights, tb, ema)
+    ema_note = f"; ema {cfg.ema:g} every {cfg.ema_every} steps" if ema else ""
     run.say(f"{summary}; device {device}, {dist.world_size} process(es); amp {cfg.amp} ({amp_why}), channels_last "
-            f"{cfg.channels_last}, compile {cfg.compile}, cuda_graph {cfg.cuda_graph}; run {progress.run_id}"
+            f"{cfg.channels_last}, compile {cfg.compile}, cuda_graph {cfg.cuda_graph}{ema_note}; run {progress.run_id}"
             f"{f', resumed after epoch {progress.epoch} step {progress.step}' if resume_ckpt else ''}")
     if tb.writer is not None:
         tb.augmented_images(examples(), progress.epoch)
@@ -490,10 +521,11 @@ def train_epoch(run: Run, epoch: int, stop: StopFlag) -> tuple[int, list[float],
     try:
         on_speed = functools.partial(say_speed, run) if not run.speed_said else None
         run.speed_said = True
+        after_step = (lambda step: run.ema.after_step(first_step + step)) if run.ema else None
         step = train_one_epoch(run.train_step, run.loader, stop=stop, sums=sums, start_step=progress.step,
                                dist=run.dist, desc=f"epoch {epoch}/{cfg.epochs}", lr_for_step=run.lr_schedule(epoch),
                                on_sync=lambda step, loss_sum, n: run.tb.sync_loss(first_step + step, loss_sum, n),
-                               on_speed=on_speed)
+                               on_speed=on_speed, after_step=after_step)
     except NonFiniteLoss:
         raise NonFiniteLoss(f"the training loss became non-finite in epoch {epoch}; stopped. "
                             f"{run.out / LAST_NAME} still holds the state after epoch {progress.epoch}; "
@@ -507,19 +539,21 @@ def save_mid_epoch(run: Run, step: int, totals: list[float], seconds: float, sig
     progress = run.progress
     progress.step, progress.partial, progress.partial_seconds = step, totals, seconds
     if run.dist.is_main:
-        save_checkpoint(_last_state(run.cfg, progress, run.model, run.optimizer), run.out / LAST_NAME)
+        save_checkpoint(_last_state(run.cfg, progress, run.model, run.optimizer, run.ema), run.out / LAST_NAME)
     run.say(f"stopped by signal {signum} in epoch {progress.epoch + 1} at step {step}/{run.loader.steps_per_epoch}; "
             f"saved {run.out / LAST_NAME}; continue with: python train.py --resume {run.out / LAST_NAME}")
     return 128 + signum
 
 
 def end_epoch(run: Run, epoch: int, totals: list[float], train_seconds: float) -> None:
-    """Evaluate on the selection split, keep or reload the best weights, write the checkpoints and
-    the history, and print the epoch's line."""
+    """Evaluate on the selection split (the weight average with --ema), keep or reload the best
+    weights, write the checkpoints and the history, and print the epoch's line."""
     cfg, progress, dist = run.cfg, run.progress, run.dist
     start = time.perf_counter()
+    eval_model = run.selected_model()
     dist.broadcast_buffers(unwrap(run.model))
-    eval_model = run.model.module if dist.enabled else run.model  # no DDP hooks where there is no backward
+    if run.ema is not None:  # its BatchNorm statistics are copied from each rank's own: rank 0's for all
+        dist.broadcast_buffers(eval_model)
     val = evaluate(eval_model, run.sel_loader, run.device, amp=cfg.amp, channels_last=cfg.channels_last,
                    tta=cfg.tta, shift=cfg.tta_shift, reduce=dist.all_reduce_sum)
     seconds = train_seconds + time.perf_counter() - start
@@ -528,7 +562,7 @@ def end_epoch(run: Run, epoch: int, totals: list[float], train_seconds: float) -
     progress.epoch, progress.step, progress.partial, progress.partial_seconds = epoch, 0, [0.0] * 3, 0.0
     if improved:
         progress.best_acc, progress.best_epoch = val["acc"], epoch
-        run.best_weights = {k: v.detach().clone() for k, v in clean_state_dict(unwrap(run.model).state_dict()).items()}
+        run.best_weights = {k: v.detach().clone() for k, v in clean_state_dict(unwrap(eval_model).state_dict()).items()}
     elif reloaded:
         unwrap(run.model).load_state_dict(run.best_weights)
         progress.reloads += 1
@@ -539,7 +573,7 @@ def end_epoch(run: Run, epoch: int, totals: list[float], train_seconds: float) -
            "images_per_second": round(n / max(train_seconds, 1e-9), 1), "improved": improved, "reloaded": reloaded}
     progress.history.append(row)
     if dist.is_main:  # last.pth first: a crash before the best one is written is repaired on resume
-        save_checkpoint(_last_state(cfg, progress, run.model, run.optimizer), run.out / LAST_NAME)
+        save_checkpoint(_last_state(cfg, progress, run.model, run.optimizer, run.ema), run.out / LAST_NAME)
         if improved:
             save_checkpoint(_best_state(cfg, progress, run.best_weights, row), run.out / BEST_NAME)
         _write_json(progress.history, run.out / HISTORY_NAME)
@@ -554,9 +588,8 @@ def selection_confusion(run: Run) -> np.ndarray:
     """The confusion matrix (rows: true class) of the model as it is now on the whole selection split,
     each process counting its share; evaluated as end_epoch evaluates (amp, channels-last, TTA)."""
     k, cfg = len(CLASSES), run.cfg
-    eval_model = run.model.module if run.dist.enabled else run.model
-    logits, labels = predict(eval_model, run.sel_loader, run.device, amp=cfg.amp, channels_last=cfg.channels_last,
-                             tta=cfg.tta, shift=cfg.tta_shift)
+    logits, labels = predict(run.selected_model(), run.sel_loader, run.device, amp=cfg.amp,
+                             channels_last=cfg.channels_last, tta=cfg.tta, shift=cfg.tta_shift)
     counts = torch.bincount(labels * k + logits.argmax(1), minlength=k * k).to(run.device)
     return run.dist.all_reduce_sum(counts).reshape(k, k).cpu().numpy()
 
@@ -567,6 +600,7 @@ def log_final(run: Run) -> None:
     progress, cfg, sel = run.progress, run.cfg, run.sel_name
     if cfg.num_classes == len(CLASSES):
         which = (f"best weights (epoch {progress.best_epoch})" if cfg.reload_best
+                 else f"the weight average after epoch {progress.epoch}" if cfg.ema
                  else f"last epoch's weights (epoch {progress.epoch})")
         run.tb.confusion_matrix(selection_confusion(run), CLASSES, sel, progress.epoch, which)
     else:

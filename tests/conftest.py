@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny CIFAR-10 folder in the official layout, and the proxy folder if present.
+"""Shared fixtures: a tiny CIFAR-10 folder in the official layout, and the proxy folder if present;
+and the helpers that stop a run mid-epoch and compare two runs bit for bit (exact-resume tests).
 
 The tiny folder is synthetic: each class has its own colour and stripe pattern plus noise, so a
 model can learn it in a few steps. Its pickles are written as the official Python 2 files are
@@ -10,12 +11,16 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import signal
 import struct
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -126,3 +131,33 @@ def trained_run(tiny_cifar, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("run")
     assert train.main(tiny_train_args(tiny_cifar, out, "--no-reload-best")) == 0
     return out
+
+
+def stop_at_training_step(monkeypatch, k: int) -> None:
+    """Send this process SIGINT inside the k-th training forward pass of train.py, as Ctrl-C would."""
+    import train
+    calls = {"n": 0}
+
+    def cross_entropy(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == k:
+            os.kill(os.getpid(), signal.SIGINT)
+        return F.cross_entropy(*args, **kwargs)
+    monkeypatch.setattr(train, "F", types.SimpleNamespace(cross_entropy=cross_entropy))
+
+
+def final_state(out: Path):
+    """A finished run's weights, optimizer state and history, from its last.pth."""
+    import train
+    last = train.load_checkpoint(out / train.LAST_NAME)
+    return last["model"], last["optimizer"]["state"], last["progress"]["history"]
+
+
+def assert_same_run(a, b) -> None:
+    """Two runs' final_state() are the same, bit for bit (but the measured times)."""
+    (wa, oa, ha), (wb, ob, hb) = a, b
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert all(torch.equal(oa[i]["momentum_buffer"], ob[i]["momentum_buffer"]) for i in oa)
+    timing = ("seconds", "per_second")  # measured, so never the same twice
+    strip = lambda h: [{k: v for k, v in row.items() if not k.endswith(timing)} for row in h]
+    assert strip(ha) == strip(hb)

@@ -1,6 +1,5 @@
 """The training loop and its CLI: outputs, best-weights reload, exact resume, bad input."""
 import json
-import os
 import signal
 import types
 
@@ -11,7 +10,7 @@ import torch.nn.functional as F
 import train
 from checkpoint import load_checkpoint, model_from_checkpoint
 from config import TrainConfig, get_args_parser
-from conftest import tiny_train_args
+from conftest import assert_same_run, final_state, stop_at_training_step, tiny_train_args
 from model import resnet9
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -83,37 +82,11 @@ def test_best_weights_are_reloaded_after_a_worse_epoch(tiny_cifar, tmp_path, mon
     assert [h["reloaded"] for h in history] == [False, reload_best, reload_best]
 
 
-def _stop_at_training_step(monkeypatch, k):
-    """Send this process SIGINT inside the k-th training forward pass, as Ctrl-C would."""
-    calls = {"n": 0}
-
-    def cross_entropy(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == k:
-            os.kill(os.getpid(), signal.SIGINT)
-        return F.cross_entropy(*args, **kwargs)
-    monkeypatch.setattr(train, "F", types.SimpleNamespace(cross_entropy=cross_entropy))
-
-
-def _final_state(out):
-    last = load_checkpoint(out / train.LAST_NAME)
-    return last["model"], last["optimizer"]["state"], last["progress"]["history"]
-
-
-def _assert_same_run(a, b):
-    (wa, oa, ha), (wb, ob, hb) = a, b
-    assert all(torch.equal(wa[k], wb[k]) for k in wa)
-    assert all(torch.equal(oa[i]["momentum_buffer"], ob[i]["momentum_buffer"]) for i in oa)
-    timing = ("seconds", "per_second")  # measured, so never the same twice
-    strip = lambda h: [{k: v for k, v in row.items() if not k.endswith(timing)} for row in h]
-    assert strip(ha) == strip(hb)
-
-
 def test_resume_after_an_epoch_equals_an_uninterrupted_run(tiny_cifar, trained_run, tmp_path):
     out = tmp_path / "split"
     assert train.main(tiny_train_args(tiny_cifar, out, "--no-reload-best", "--epochs", "1")) == 0
     assert train.main(["--resume", str(out / train.LAST_NAME), "--epochs", "2"]) == 0
-    _assert_same_run(_final_state(trained_run), _final_state(out))
+    assert_same_run(final_state(trained_run), final_state(out))
 
 
 @pytest.mark.parametrize("loader", ["device", "torchvision"])
@@ -121,14 +94,14 @@ def test_ctrl_c_mid_epoch_saves_and_resume_is_exact(tiny_cifar, tmp_path, monkey
     reference = tmp_path / "reference"
     assert train.main(tiny_train_args(tiny_cifar, reference, "--no-reload-best", "--loader", loader)) == 0
     out = tmp_path / "stopped"
-    _stop_at_training_step(monkeypatch, 3)  # epoch 2 has 2 steps: stop after its first
+    stop_at_training_step(monkeypatch, 3)  # epoch 2 has 2 steps: stop after its first
     assert train.main(tiny_train_args(tiny_cifar, out, "--no-reload-best", "--loader", loader)) == 128 + signal.SIGINT
     assert "stopped by signal 2 in epoch 2 at step 1/2" in capsys.readouterr().out
     saved = load_checkpoint(out / train.LAST_NAME)
     assert saved["progress"]["epoch"] == 1 and saved["progress"]["step"] == 1
     monkeypatch.undo()
     assert train.main(["--resume", str(out / train.LAST_NAME), "--workers", "1"]) == 0
-    _assert_same_run(_final_state(reference), _final_state(out))
+    assert_same_run(final_state(reference), final_state(out))
 
 
 def test_val_size_zero_selects_on_test_as_the_paper(tiny_cifar, tmp_path, capsys):

@@ -1,0 +1,61 @@
+"""An exponential moving average (EMA) of a model's weights, for `train.py --ema DECAY`.
+
+The average is a copy of the model whose parameters follow the trained ones,
+
+    average = d * average + (1 - d) * weights,   d = min(DECAY, (1 + n) / (10 + n)),
+
+every `--ema-every` optimizer steps, n being the updates made so far. The warm-up of d keeps the
+first averages from being dominated by the random initial weights. train.py evaluates and saves
+the copy in place of the trained model, and keeps it (with n) in last.pth for an exact resume.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from checkpoint import clean_state_dict, unwrap
+
+
+class WeightAverage:
+    """`model`, an exponential moving average of the weights of the model it was made from."""
+
+    def __init__(self, model: nn.Module, decay: float, every: int) -> None:
+        source = unwrap(model)
+        self.model = copy.deepcopy(source).requires_grad_(False).eval()  # starts at the initial weights
+        self.decay, self.every, self.updates = decay, every, 0
+        # The tensors pair up once, in a deep copy's order. The model's are updated in place by the
+        # optimizer (and, in a CUDA graph, by its replays), so these references stay the live weights
+        # for the whole run. They are float32 (bf16 is autocast only), so the average is float32 too.
+        self._live_weights, self._avg_weights = list(source.parameters()), list(self.model.parameters())
+        self._live_buffers, self._avg_buffers = list(source.buffers()), list(self.model.buffers())
+
+    def after_step(self, run_step: int) -> None:
+        """Called after each optimizer step with the steps the run has taken (counted over the whole
+        run, so a resumed run updates at the same steps); updates every `every` steps."""
+        if run_step % self.every == 0:
+            self.update()
+
+    @torch.no_grad()
+    def update(self) -> None:
+        """One update, in two fused calls and without a host sync (d is a Python number)."""
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        torch._foreach_lerp_(self._avg_weights, self._live_weights, 1 - decay)
+        # BatchNorm's running statistics are copied, not averaged (a common choice for weight EMAs):
+        # they are a moving average over batches already, so averaging them again would only add lag.
+        # Exact would be to measure them anew for the averaged weights (swa_utils.update_bn): a pass
+        # over the training images per evaluation.
+        torch._foreach_copy_(self._avg_buffers, self._live_buffers)
+        self.updates += 1
+
+    def state_dict(self) -> dict:
+        """What last.pth keeps: the averaged state (no wrapper prefixes) and the updates made."""
+        return {"model": clean_state_dict(self.model.state_dict()), "updates": self.updates}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from a `state_dict()`; raises TypeError, KeyError or RuntimeError if it is malformed."""
+        if type(state["updates"]) is not int or state["updates"] < 0:
+            raise TypeError("its weight average's update count is not a count")
+        self.model.load_state_dict(state["model"])
+        self.updates = state["updates"]
