@@ -212,6 +212,6 @@ def lr_at(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
         return cfg.lr
     total = cfg.epochs * steps_per_epoch
     warmup = cfg.warmup * total
-    if step < warmup:
-        return cfg.lr * (step + 1) / warmup
+    if step < warmup:  # never above the peak, even when the warm-up is shorter than a step
+        return cfg.lr * min(1.0, (step + 1) / warmup)
     return cfg.lr * max(0.0, (total - step) / max(1.0, total - warmup))

@@ -19,7 +19,7 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 TRAIN_IMAGES = 40_000  # the proxy's training images, all trained on (--val-size 0)
 BUDGET_MINUTES = 40.0

@@ -31,6 +31,8 @@ def test_linear_schedule_warms_up_then_decays_to_zero():
     assert all(a >= b for a, b in itertools.pairwise(lrs[19:]))
     assert lrs[-1] == pytest.approx(0.4 / 80) and lr_at(cfg, 100, 10) == 0.0
     assert lr_at(TrainConfig(), 1234, 10) == 0.01  # the paper's constant rate
+    short = fresh_config({"recipe": "fast", "epochs": 2})  # a warm-up of 0.4 steps: the peak is never passed
+    assert [lr_at(short, step, 1) for step in range(2)] == [0.4, pytest.approx(0.4 / 1.6)]
 
 
 def test_resumed_config_keeps_the_recipe():
