@@ -73,6 +73,21 @@ GRID = [
     V("bs128-cut8-ls0.2", 15, *B128, *CUT_LS),
     V("bs256", 60, *B256),  # how far this model goes on this data
 ]
+# The second round, around the first round's best (bs128-cut8-ls0.2, 20 epochs): its length, peak
+# lr, warm-up, cutout size, label smoothing alone, and batch 64.
+CUT_LS_128 = (*B128, *CUT_LS)
+ROUND2 = [
+    V("bs64-cut8-ls0.2", 20, "--batch-size", "64", "--lr", "0.05", *CUT_LS),
+    V("bs128-cut8-ls0.2", 10, *CUT_LS_128), V("bs128-cut8-ls0.2", 30, *CUT_LS_128),
+    V("bs128-lr0.2-cut8-ls0.2", 20, *CUT_LS_128, "--lr", "0.2"),
+    V("bs128-lr0.05-cut8-ls0.2", 20, *CUT_LS_128, "--lr", "0.05"),
+    V("bs128-cut8-ls0.2-warm0.1", 20, *CUT_LS_128, "--warmup", "0.1"),
+    V("bs128-cut12-ls0.2", 20, *B128, "--cutout", "12", "--label-smoothing", "0.2"),
+    V("bs128-cut8", 20, *B128, "--cutout", "8"),
+    V("bs128-cut8-ls0.2-wd1e-3", 20, *CUT_LS_128, "--weight-decay", "1e-3"),
+    V("bs128-cut8-ls0.2-ema0.999", 20, *CUT_LS_128, "--ema", "0.999", "--ema-every", "1"),
+]
+GRIDS = {"main": GRID, "round2": ROUND2}
 DRY_GRID = [V("base", 2), V("cut8-ema", 2, "--cutout", "8", "--ema", "0.9"),
             V("bs32", 1, "--batch-size", "32", "--lr", "0.05")]
 
@@ -207,6 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="search", help="folder for results.json, logs/ and runs/")
     p.add_argument("--device", default="auto")
     p.add_argument("--budget", type=float, default=500.0, help="seconds in all; runs still going then get SIGTERM")
+    p.add_argument("--grid", choices=sorted(GRIDS), default="main", help="which list of variants")
     p.add_argument("--lanes", type=int, default=4, help="runs at a time")
     p.add_argument("--confirm", type=int, default=2, help="how many of the best variants get seeds 1 and 2")
     p.add_argument("--confirm-at", type=float, default=0.6, help="fraction of the budget after which they start")
@@ -221,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         (Path(args.score) / "score.json").write_text(json.dumps(result))
         print(json.dumps(result))
         return 0
-    grid = GRID
+    grid = GRIDS[args.grid]
     if args.dry_run:
         grid = DRY_GRID
         args.device, args.max_epochs, args.min_run, args.lanes = "cpu", 2, 1.0, 2
