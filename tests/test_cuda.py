@@ -260,21 +260,18 @@ def test_compile_runs_without_falling_back(capsys):
     assert not torch._dynamo.utils.counters["graph_break"]
 
 
-def test_weight_average_follows_the_cuda_graphs_replays(cuda_data, tmp_path):
-    """--ema with the CUDA graph: the average is updated after each replay from the weights the
-    graph trains, so it matches an eager run's average (up to cuDNN's float reordering), it lags the
-    trained weights, and it counted one update per step."""
-    states = {}
-    for graph in ("--cuda-graph", "--no-cuda-graph"):
-        cmd = [sys.executable, str(ROOT / "train.py"),
-               *_args(cuda_data, tmp_path / graph, "--subset", "1000", "--ema", "0.9", "--ema-every", "1", graph)]
-        result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
-        assert result.returncode == 0, result.stderr[-2000:]
-        assert f"cuda_graph {graph == '--cuda-graph'}" in result.stdout and "ema 0.9 every 1 steps" in result.stdout
-        states[graph] = load_checkpoint(tmp_path / graph / train.LAST_NAME)
-    graphed, eager = states["--cuda-graph"], states["--no-cuda-graph"]
-    assert graphed["ema"]["updates"] == eager["ema"]["updates"] == 16  # 1,000 images in steps of 64
-    assert not torch.equal(graphed["ema"]["model"]["linear.weight"], graphed["model"]["linear.weight"])
-    for name, a in eager["ema"]["model"].items():
-        b = graphed["ema"]["model"][name]
-        torch.testing.assert_close(a.float(), b.float(), rtol=5e-2, atol=5e-3, msg=name)
+def test_weight_average_trains_eagerly_on_cuda(cuda_data, tmp_path):
+    """--ema on CUDA: the step stays eager (auto), the average counts one update per step and lags
+    the trained weights; --cuda-graph with --ema is refused in one line."""
+    cmd = [sys.executable, str(ROOT / "train.py"),
+           *_args(cuda_data, tmp_path / "ema", "--subset", "1000", "--ema", "0.9", "--ema-every", "1")]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "cuda_graph False" in result.stdout and "ema 0.9 every 1 steps" in result.stdout
+    last = load_checkpoint(tmp_path / "ema" / train.LAST_NAME)
+    assert last["ema"]["updates"] == 16  # 1,000 images in steps of 64
+    assert not torch.equal(last["ema"]["model"]["linear.weight"], last["model"]["linear.weight"])
+    refused = subprocess.run([*cmd, "--cuda-graph", "--out", str(tmp_path / "graph")], cwd=ROOT,
+                             capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "--cuda-graph: the weight average" in refused.stderr
+    assert refused.stderr.count("\n") == 1

@@ -43,6 +43,7 @@ def test_a_cuda_graph_step_needs_cuda():
     ({"recipe": "fast"}, CUDA, False, False),  # linear schedule: the lr changes every step
     ({"compile": True}, CUDA, False, True),  # the compiled kernels are recorded
     ({}, CUDA, True, False),  # under torchrun
+    ({"ema": 0.99}, CUDA, False, False),  # the weight average trains eagerly
 ])
 def test_the_graph_is_the_default_where_it_can_work(flags, device, distributed, graph):
     cfg = train.platform_defaults(train.fresh_config(flags), device, distributed)
@@ -52,9 +53,10 @@ def test_the_graph_is_the_default_where_it_can_work(flags, device, distributed, 
 @pytest.mark.parametrize(("flags", "message"), [
     ({"cuda_graph": True}, "needs a CUDA device"),
     ({"cuda_graph": True, "recipe": "fast"}, "needs --schedule constant"),
+    ({"cuda_graph": True, "ema": 0.99}, "weight average"),
 ])
 def test_asking_for_a_graph_where_it_cannot_work_is_a_usage_error(flags, message):
-    device = CPU if "recipe" not in flags else CUDA
+    device = CPU if len(flags) == 1 else CUDA
     with pytest.raises(train.UsageError, match=message):
         train.platform_defaults(train.fresh_config(flags), device)
 
