@@ -19,7 +19,8 @@ def test_recipes():
     fast = fresh_config({"recipe": "fast"})
     for key, value in RECIPES["fast"].items():
         assert getattr(fast, key) == value
-    assert fast.batch_size == 512 and fast.nesterov and fast.tta and not fast.reload_best
+    assert fast.batch_size == 128 and fast.nesterov and fast.tta and fast.tta_shift == 2 and fast.cutout == 8
+    assert not fast.reload_best
     assert fresh_config({"recipe": "fast", "epochs": 3, "lr": 0.1}).epochs == 3  # flags win over the recipe
 
 
@@ -31,8 +32,8 @@ def test_linear_schedule_warms_up_then_decays_to_zero():
     assert all(a >= b for a, b in itertools.pairwise(lrs[19:]))
     assert lrs[-1] == pytest.approx(0.4 / 80) and lr_at(cfg, 100, 10) == 0.0
     assert lr_at(TrainConfig(), 1234, 10) == 0.01  # the paper's constant rate
-    short = fresh_config({"recipe": "fast", "epochs": 2})  # a warm-up of 0.4 steps: the peak is never passed
-    assert [lr_at(short, step, 1) for step in range(2)] == [0.4, pytest.approx(0.4 / 1.6)]
+    short = TrainConfig(epochs=2, lr=0.4, schedule="linear", warmup=0.2)  # a warm-up of 0.4 steps
+    assert [lr_at(short, step, 1) for step in range(2)] == [0.4, pytest.approx(0.4 / 1.6)]  # never past the peak
 
 
 def test_resumed_config_keeps_the_recipe():
@@ -69,7 +70,7 @@ def test_compile_falls_back_with_one_warning(monkeypatch, capsys):
 
 
 def test_fast_recipe_runs_end_to_end(tiny_cifar, tmp_path):
-    """The fast recipe's pieces together (schedule, Nesterov, label smoothing, no rotation, TTA)."""
+    """The fast recipe's pieces together (schedule, Nesterov, label smoothing, no rotation, cutout, 6-view TTA)."""
     args = tiny_train_args(tiny_cifar, tmp_path, "--recipe", "fast", "--batch-size", "64", "--epochs", "2")
     assert train.main(args) == 0
     last = train.load_checkpoint(tmp_path / train.LAST_NAME)
