@@ -73,8 +73,8 @@ def setups(device: torch.device, extra: list[str]) -> list[Setup]:
                                        compile=True, cuda_graph=True))
     if "fast-recipe" in extra:  # its linear schedule changes the lr every step: no CUDA graph
         recipe = platform_defaults(fresh_config({"recipe": "fast"}), device)
-        out.append(dataclasses.replace(out[1], name=out[1].name.removesuffix(graph) + f", batch {recipe.batch_size} (--recipe fast)",
-                                       batch_size=recipe.batch_size, cuda_graph=recipe.cuda_graph))
+        name = out[1].name.removesuffix(graph) + f", batch {recipe.batch_size} (--recipe fast)"
+        out.append(dataclasses.replace(out[1], name=name, batch_size=recipe.batch_size, cuda_graph=recipe.cuda_graph))
     return out
 
 
