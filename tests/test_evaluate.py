@@ -131,3 +131,27 @@ def test_tta_shift_averages_six_views_moved_with_a_black_border():
     expected = torch.stack([model(v) for v in views]).mean(0)
     torch.testing.assert_close(logits, expected)
     assert torch.equal(forward(model, x, tta=True, shift=0), (model(x) + model(x.flip(3))) / 2)
+
+
+def test_tta_shift_comes_from_the_checkpoint_unless_given(trained_run, tiny_cifar, tmp_path, capsys):
+    """evaluate.py --tta uses the checkpoint's own --tta-shift (0 for the paper's recipe: 2 views),
+    --tta-shift N overrides it (6 views), and a shift outside 0..16 is one line with exit 2."""
+    ckpt = torch.load(trained_run / train.BEST_NAME, map_location="cpu", weights_only=True)
+    assert ckpt["config"]["tta_shift"] == 0
+    common = [str(trained_run / train.BEST_NAME), "--data-dir", str(tiny_cifar), "--tta", "--no-robustness"]
+    reports = {}
+    for extra in ([], ["--tta-shift", "2"]):
+        out = tmp_path / f"eval{len(extra)}"
+        assert evaluate.main([*common, *extra, "--out-dir", str(out)]) == 0
+        reports[len(extra)] = json.loads((out / "report.json").read_text())["tta"]
+    text = capsys.readouterr().out
+    assert "TTA (mean of image and mirror image)" in text and "TTA (6 views" in text
+    assert reports[0]["shift"] == 0 and reports[2]["shift"] == 2
+    shifted = dict(ckpt, config={**ckpt["config"], "tta_shift": 3})
+    save_checkpoint(shifted, tmp_path / "shift3.pth")
+    assert evaluate.main([str(tmp_path / "shift3.pth"), *common[1:], "--out-dir", str(tmp_path / "e3")]) == 0
+    assert json.loads((tmp_path / "e3" / "report.json").read_text())["tta"]["shift"] == 3
+    capsys.readouterr()
+    assert evaluate.main([*common, "--tta-shift", "20"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--tta-shift" in err
