@@ -20,6 +20,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+from recipe_search import final  # the figure of merit (bench/, this script's folder, is on sys.path)
 
 TRAIN_IMAGES = 40_000  # the proxy's training images, all trained on (--val-size 0)
 BUDGET_MINUTES = 40.0
@@ -84,10 +85,6 @@ def plot(report: dict, path: Path, images_per_second: float, epochs: int = 20) -
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
-
-
-def final(run: dict) -> float:
-    return run["score"]["flip_shift2"]
 
 
 def main(argv: list[str] | None = None) -> int:
