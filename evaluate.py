@@ -51,6 +51,7 @@ from runtime import autocast, default_amp, pick_device
 IMAGE_SIZE = 32  # pixels; the network's input side
 ERRORS_SHOWN = 24  # the most confidently wrong test images drawn in confident_errors.png
 HISTORY_KEYS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc")  # what a curve needs per epoch
+SELECTION_KEYS = ("val_loss", "val_acc")  # of those, null after an epoch not evaluated (train.py --eval-every)
 
 
 def _prepare(x: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
@@ -263,7 +264,8 @@ def history_problem(history) -> str | None:
         return f"its history is not a non-empty list (got {type(history).__name__})"
     is_number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
     for i, row in enumerate(history):
-        if not isinstance(row, dict) or not all(is_number(row.get(k)) for k in HISTORY_KEYS):
+        if not isinstance(row, dict) or not all(
+                is_number(row.get(k)) or (k in SELECTION_KEYS and k in row and row[k] is None) for k in HISTORY_KEYS):
             return f"history row {i} lacks a number for one of {', '.join(HISTORY_KEYS)}"
     return None
 

@@ -41,7 +41,8 @@ def draw_curve(ax: Axes, history: Sequence[dict], metric: str, eval_name: str = 
     label = _CURVES[metric][0]
     epochs = [h["epoch"] for h in history]
     ax.plot(epochs, [h[f"train_{metric}"] for h in history], marker=".", label="train (augmented)")
-    ax.plot(epochs, [h[f"val_{metric}"] for h in history], marker=".", label=eval_name)
+    evaluated = [h for h in history if h[f"val_{metric}"] is not None]  # train.py --eval-every skips some
+    ax.plot([h["epoch"] for h in evaluated], [h[f"val_{metric}"] for h in evaluated], marker=".", label=eval_name)
     best = [h["epoch"] for h in history if h.get("improved")]
     if metric == "acc" and best:
         ax.axvline(best[-1], color="grey", linestyle=":", label=f"best {eval_name} (epoch {best[-1]})")
@@ -207,7 +208,9 @@ def save_run_comparison(histories: Mapping[str, Sequence[dict]], path: str | os.
     for i, (name, history) in enumerate(histories.items()):
         epochs = [h["epoch"] for h in history]
         ax.plot(epochs, [h["train_acc"] for h in history], color=f"C{i}", label=f"{name}: train")
-        ax.plot(epochs, [h["val_acc"] for h in history], color=f"C{i}", linestyle="--", label=f"{name}: {eval_name}")
+        evaluated = [h for h in history if h["val_acc"] is not None]
+        ax.plot([h["epoch"] for h in evaluated], [h["val_acc"] for h in evaluated], color=f"C{i}", linestyle="--",
+                label=f"{name}: {eval_name}")
     ax.set_xlabel("epoch")
     ax.set_ylabel("accuracy (%)")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))

@@ -71,7 +71,8 @@ class TensorBoardLog:
             return
         step, w = row["epoch"], self.writer
         for tag, key in epoch_tags(sel_name).items():
-            w.add_scalar(tag, row[key], step)
+            if row[key] is not None:  # the selection numbers of an epoch not evaluated (--eval-every)
+                w.add_scalar(tag, row[key], step)
         w.flush()
 
     def augmented_images(self, images: torch.Tensor, step: int = 0) -> None:

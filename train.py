@@ -76,7 +76,8 @@ from tensorboard_log import TensorBoardLog, folder_for, require_tensorboard
 BEST_NAME = "learn_rate_consistent_model.pth"  # the paper's file name for the best model
 LAST_NAME = "last.pth"
 HISTORY_NAME = "history.json"
-HISTORY_NUMBERS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "seconds")  # plotted and summed per row
+HISTORY_NUMBERS = ("epoch", "train_loss", "train_acc", "seconds")  # plotted and summed per row
+SELECTION_NUMBERS = ("val_loss", "val_acc")  # numbers, or null after an epoch not evaluated (--eval-every)
 EVAL_BATCH = 500  # images per evaluation batch: no gradients, so larger than the training batch
 
 
@@ -175,6 +176,7 @@ class Progress:
         numbers = (*self.partial, self.best_acc, self.partial_seconds) if isinstance(self.partial, list) else ()
         rows_ok = isinstance(self.history, list) and all(
             isinstance(row, dict) and all(type(row.get(k)) in (int, float) for k in HISTORY_NUMBERS)
+            and all(k in row and type(row[k]) in (int, float, type(None)) for k in SELECTION_NUMBERS)
             for row in self.history)
         if not (all(type(v) is int and v >= 0 for v in ints) and rows_ok and isinstance(self.run_id, str)
                 and len(numbers) == 5 and all(isinstance(v, (int, float)) for v in numbers)):
@@ -352,8 +354,9 @@ def build_loaders(cfg: TrainConfig, device: torch.device, dist: Distributed):
               else TorchvisionLoader(images, labels, local_batch, workers=workers, **common))
     sel_loader = make_eval_loader(sel_images, sel_labels, EVAL_BATCH, workers=workers, device=device,
                                   rank=dist.rank, world_size=dist.world_size, on_device=on_device)
+    every = f" after every {cfg.eval_every} epochs and the last" if cfg.eval_every > 1 else ""
     summary = (f"training {cfg.arch} on {len(train_idx)} images, selecting on {len(sel_labels)} {sel_name} images"
-               f"{' (the paper protocol: optimistic)' if not cfg.val_size else ''}; {cfg.loader} loader"
+               f"{' (the paper protocol: optimistic)' if not cfg.val_size else ''}{every}; {cfg.loader} loader"
                f"{'' if on_device else f' with {workers} worker(s)'}")
     examples = functools.partial(augmented_examples, images[:64], cfg.seed, cfg.rotation, cutout=cfg.cutout)
     return loader, sel_loader, sel_name, summary, examples
@@ -549,20 +552,28 @@ def save_mid_epoch(run: Run, step: int, totals: list[float], seconds: float, sig
     return 128 + signum
 
 
+def evaluated_after(cfg: TrainConfig, epoch: int) -> bool:
+    """Whether the selection split is evaluated after this epoch: every --eval-every epochs, and the last."""
+    return epoch % cfg.eval_every == 0 or epoch >= cfg.epochs
+
+
 def end_epoch(run: Run, epoch: int, totals: list[float], train_seconds: float) -> None:
-    """Evaluate on the selection split (the weight average with --ema), keep or reload the best
-    weights, write the checkpoints and the history, and print the epoch's line."""
+    """Evaluate on the selection split (the weight average with --ema) when this epoch is one to
+    evaluate, keep or reload the best weights, write the checkpoints and the history, and print
+    the epoch's line. An epoch not evaluated has no selection numbers (null in the history)."""
     cfg, progress, dist = run.cfg, run.progress, run.dist
     start = time.perf_counter()
-    eval_model = run.selected_model()
-    dist.broadcast_buffers(unwrap(run.model))
-    if run.ema is not None:  # its BatchNorm statistics are copied from each rank's own: rank 0's for all
-        dist.broadcast_buffers(eval_model)
-    val = evaluate(eval_model, run.sel_loader, run.device, amp=cfg.amp, channels_last=cfg.channels_last,
-                   tta=cfg.tta, shift=cfg.tta_shift, reduce=dist.all_reduce_sum)
+    val = {"loss": None, "acc": None}
+    if evaluated_after(cfg, epoch):
+        eval_model = run.selected_model()
+        dist.broadcast_buffers(unwrap(run.model))
+        if run.ema is not None:  # its BatchNorm statistics are copied from each rank's own: rank 0's for all
+            dist.broadcast_buffers(eval_model)
+        val = evaluate(eval_model, run.sel_loader, run.device, amp=cfg.amp, channels_last=cfg.channels_last,
+                       tta=cfg.tta, shift=cfg.tta_shift, reduce=dist.all_reduce_sum)
     seconds = train_seconds + time.perf_counter() - start
-    improved = val["acc"] > progress.best_acc
-    reloaded = not improved and cfg.reload_best and run.best_weights is not None
+    improved = val["acc"] is not None and val["acc"] > progress.best_acc
+    reloaded = val["acc"] is not None and not improved and cfg.reload_best and run.best_weights is not None
     progress.epoch, progress.step, progress.partial, progress.partial_seconds = epoch, 0, [0.0] * 3, 0.0
     if improved:
         progress.best_acc, progress.best_epoch = val["acc"], epoch
@@ -583,9 +594,10 @@ def end_epoch(run: Run, epoch: int, totals: list[float], train_seconds: float) -
         _write_json(progress.history, run.out / HISTORY_NAME)
     run.tb.epoch(row, run.sel_name)
     note = "best" if improved else "reloaded best" if reloaded else ""
+    selection = (f"{run.sel_name} loss {row['val_loss']:.4f} acc {row['val_acc']:6.2f}%" if val["acc"] is not None
+                 else f"{run.sel_name} (not evaluated)".ljust(len(run.sel_name) + 24))
     run.say(f"epoch {epoch:>3}/{cfg.epochs} | train loss {row['train_loss']:.4f} acc {row['train_acc']:6.2f}% | "
-            f"{run.sel_name} loss {row['val_loss']:.4f} acc {row['val_acc']:6.2f}% | lr {row['lr']:.4f} | "
-            f"{seconds:6.1f}s ({train_seconds:.1f}s training) | {note}")
+            f"{selection} | lr {row['lr']:.4f} | {seconds:6.1f}s ({train_seconds:.1f}s training) | {note}")
 
 
 def selection_confusion(run: Run) -> np.ndarray:

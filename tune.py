@@ -246,6 +246,8 @@ def make_objective(fixed: list[str], folder: Path, device, fatal: list[str]) -> 
 
         def report(run: train.Run) -> None:
             row = run.progress.history[-1]
+            if row["val_acc"] is None:  # an epoch not evaluated (--eval-every): nothing to report
+                return
             if row["val_acc"] > best["acc"]:
                 best.update(acc=row["val_acc"], epoch=row["epoch"])
             trial.report(row["val_acc"], row["epoch"])

@@ -226,7 +226,7 @@ def time_to(history: list[dict], target: float) -> float | None:
     total = 0.0
     for row in history:
         total += row.get("train_seconds", row["seconds"])
-        if row["val_acc"] >= target:
+        if row["val_acc"] is not None and row["val_acc"] >= target:
             return round(total, 2)
     return None
 
@@ -238,7 +238,8 @@ def stage_fast(args, plan: Plan, out: Path, clock: Clock) -> dict:
         run_dir = out / f"fast-seed{seed}"
         share = (stage_end - time.monotonic()) / (len(FAST_SEEDS) - i)
         cmd = [sys.executable, str(ROOT / "train.py"), "--recipe", "fast", "--data-dir", args.data_dir,
-               "--val-size", "0", "--seed", str(seed), "--out", str(run_dir), "--device", plan.device, "--overwrite",
+               "--val-size", "0", "--eval-every", "1", "--seed", str(seed), "--out", str(run_dir),
+               "--device", plan.device, "--overwrite",
                *(["--epochs", str(plan.fast_epochs)] if plan.fast_epochs else []), *plan.fast_extra]
         code, seconds = run_logged(cmd, out / "logs" / f"fast-seed{seed}.log", share)
         history = read_history(run_dir / "history.json")
@@ -250,7 +251,7 @@ def stage_fast(args, plan: Plan, out: Path, clock: Clock) -> dict:
     accs = [r["final_acc"] for r in done]
     result = {"status": "ok" if len(done) == len(runs) else "failed", "target": FAST_TARGET, "runs": runs,
               "note": "selection split = the held-out test_batch, watched per epoch, never used to pick an epoch "
-                      "(the fast recipe keeps its last); accuracy with flip TTA"}
+                      "(the fast recipe keeps its last); accuracy with the recipe's 6-view TTA"}
     if accs:
         import statistics
         result["final_acc_mean"] = round(statistics.mean(accs), 2)
@@ -288,7 +289,7 @@ def _train_paper(args, plan: Plan, out: Path, clock: Clock, name: str, flags: li
                "--out", str(run_dir), "--device", plan.device, "--epochs", str(epochs), *flags, *plan.paper_extra]
     code, seconds = run_logged(cmd, out / "logs" / f"{name}.log", clock.left() - EVAL_RESERVE)
     history = read_history(run_dir / "history.json")
-    best = max(history, key=lambda h: h["val_acc"]) if history else None
+    best = max((h for h in history if h["val_acc"] is not None), key=lambda h: h["val_acc"], default=None)
     result = {"status": "ok" if code == 0 and len(history) >= epochs else "partial" if history else "failed",
               "exit": code, "wall_seconds": round(seconds, 1), "epochs_done": len(history), "epochs": epochs,
               "flags": " ".join(flags) or "(defaults)",

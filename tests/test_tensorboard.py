@@ -161,3 +161,17 @@ def test_a_resumed_run_keeps_logging_to_its_folder(logged_run, tmp_path, monkeyp
     assert len(files) == 2 and sorted(_scalars(acc, "loss/train")) == [1, 2, 3]
     third = json.loads((tmp_path / "out" / train.HISTORY_NAME).read_text())[2]
     assert _scalars(acc, "accuracy/val")[3] == pytest.approx(third["val_acc"], rel=1e-6)
+
+
+def test_an_epoch_not_evaluated_logs_no_selection_scalars(tmp_path):
+    """train.py --eval-every: an epoch without selection numbers logs its training numbers only."""
+    from tensorboard_log import TensorBoardLog
+    log = TensorBoardLog(tmp_path)
+    row = {"epoch": 1, "train_loss": 2.0, "train_acc": 20.0, "val_loss": None, "val_acc": None, "lr": 0.1,
+           "images_per_second": 100.0, "seconds": 3.0, "train_seconds": 2.5}
+    log.epoch(row, "val")
+    log.epoch({**row, "epoch": 2, "val_loss": 1.5, "val_acc": 40.0}, "val")
+    log.close()
+    acc, _ = _events(tmp_path)
+    assert _scalars(acc, "accuracy/train") == {1: 20.0, 2: 20.0}
+    assert _scalars(acc, "accuracy/val") == {2: 40.0} and _scalars(acc, "loss/val") == {2: 1.5}

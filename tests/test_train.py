@@ -206,3 +206,44 @@ def test_the_run_says_its_speed_once_from_its_first_steps(tiny_cifar, tmp_path, 
     assert len(lines) == 1
     rate = float(lines[0].split()[1].replace(",", ""))
     assert rate > 0 and "measured over" in lines[0] and "the 2 epochs left" in lines[0]
+
+
+def test_eval_every_evaluates_every_nth_epoch_and_the_last(tiny_cifar, tmp_path, monkeypatch, capsys):
+    """--eval-every 2 over 5 epochs: the selection split after epochs 2, 4 and 5 only; the others have
+    null selection numbers, are never the best, and the curves, resume and evaluate.py take them."""
+    import evaluate
+    calls = []
+    real = train.evaluate
+    monkeypatch.setattr(train, "evaluate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    args = tiny_train_args(tiny_cifar, tmp_path, "--epochs", "5", "--eval-every", "2", "--subset", "40",
+                           "--batch-size", "20")
+    assert train.main(args) == 0
+    out = capsys.readouterr().out
+    assert "after every 2 epochs and the last" in out
+    assert len(calls) == 3 and out.count("val (not evaluated)") == 2
+    history = json.loads((tmp_path / train.HISTORY_NAME).read_text())
+    assert [h["val_acc"] is not None for h in history] == [False, True, False, True, True]
+    assert not any(h["improved"] for h in history if h["val_acc"] is None)
+    best = load_checkpoint(tmp_path / train.BEST_NAME)
+    assert best["epoch"] in (2, 4, 5) and best["epoch"] == max(h["epoch"] for h in history if h["improved"])
+    assert evaluate.history_problem(best["history"]) is None
+    assert (tmp_path / "accuracy_curve.png").read_bytes()[:8] == PNG
+    # a damaged row (null train numbers) is still refused; null selection numbers are not a problem
+    assert evaluate.history_problem([{**history[0], "train_acc": None}]) is not None
+    # the schedule is the epoch's number: a run resumed after an unevaluated epoch goes on the same way
+    split = tmp_path / "split"
+    assert train.main(tiny_train_args(tiny_cifar, split, "--epochs", "3", "--eval-every", "2", "--subset", "40",
+                                      "--batch-size", "20")) == 0
+    assert [h["val_acc"] is not None for h in json.loads((split / train.HISTORY_NAME).read_text())] == \
+        [False, True, True]  # 3 was the last epoch then
+    assert train.main(["--resume", str(split / train.LAST_NAME), "--epochs", "5"]) == 0
+    resumed = json.loads((split / train.HISTORY_NAME).read_text())
+    assert [h["val_acc"] is not None for h in resumed] == [False, True, True, True, True]
+
+
+def test_eval_every_is_part_of_the_recipe():
+    from config import RECIPES, fresh_config
+    assert fresh_config({}).eval_every == 1  # the paper evaluated after every epoch
+    assert fresh_config({"recipe": "fast"}).eval_every == RECIPES["fast"]["eval_every"] > 1
+    with pytest.raises(SystemExit):
+        get_args_parser().parse_args(["--eval-every", "0"])
