@@ -622,11 +622,13 @@ def log_final(run: Run) -> None:
     else:
         run.say(f"note: TensorBoard: no confusion matrix for --num-classes {cfg.num_classes} (CIFAR-10 has 10)")
     last = progress.history[-1]
-    run.tb.hparams(dataclasses.asdict(cfg), {
+    metrics = {
         f"hparam/best_{sel}_acc": progress.best_acc, "hparam/best_epoch": progress.best_epoch,
         f"hparam/final_{sel}_acc": last["val_acc"], f"hparam/final_{sel}_loss": last["val_loss"],
         "hparam/final_train_acc": last["train_acc"], "hparam/final_train_loss": last["train_loss"],
-        "hparam/minutes": sum(h["seconds"] for h in progress.history) / 60})
+        "hparam/minutes": sum(h["seconds"] for h in progress.history) / 60}
+    # The last epoch is always evaluated, but a run resumed with --epochs at an epoch that was not has none.
+    run.tb.hparams(dataclasses.asdict(cfg), {k: v for k, v in metrics.items() if v is not None})
 
 
 def finish(run: Run) -> None:

@@ -175,3 +175,23 @@ def test_an_epoch_not_evaluated_logs_no_selection_scalars(tmp_path):
     acc, _ = _events(tmp_path)
     assert _scalars(acc, "accuracy/train") == {1: 20.0, 2: 20.0}
     assert _scalars(acc, "accuracy/val") == {2: 40.0} and _scalars(acc, "loss/val") == {2: 1.5}
+
+
+def test_a_run_ending_on_an_epoch_not_evaluated_writes_its_summary(tiny_cifar, tmp_path):
+    """Stopped after epoch 1 of 3 with --eval-every 2, then ended with --resume --epochs 1: the last
+    row has no selection numbers, and the hparams summary leaves those out instead of failing."""
+    out = tmp_path / "out"
+    assert train.main(tiny_train_args(tiny_cifar, out, "--epochs", "1", "--eval-every", "2")) == 0
+    last = load_checkpoint(out / train.LAST_NAME)
+    assert last["progress"]["history"][0]["val_acc"] is not None  # the last epoch is evaluated
+    # the same run, made to look stopped after an unevaluated epoch 1 of a longer one
+    assert train.main(["--resume", str(out / train.LAST_NAME), "--epochs", "3"]) == 0
+    assert [h["val_acc"] is not None for h in json.loads((out / train.HISTORY_NAME).read_text())] == \
+        [True, True, True]
+    row = {**last["progress"]["history"][0], "val_acc": None, "val_loss": None}
+    last["progress"]["history"] = [row]
+    torch.save(last, out / "unevaluated.pth")
+    assert train.main(["--resume", str(out / "unevaluated.pth"), "--epochs", "1", "--tensorboard",
+                       str(tmp_path / "tb")]) == 0
+    acc, _ = _events(tmp_path / "tb")
+    assert "hparam/final_train_acc" in acc.Tags()["scalars"] and "hparam/final_val_acc" not in acc.Tags()["scalars"]
