@@ -36,13 +36,18 @@ def _note(ax: Axes, text: str, title: str) -> None:
 _CURVES = {"loss": ("cross-entropy loss", "loss_curve.png"), "acc": ("top-1 accuracy (%)", "accuracy_curve.png")}
 
 
+def _selection_points(history: Sequence[dict], key: str) -> tuple[list, list]:
+    """Epochs and values of `key` where the selection split was evaluated (train.py --eval-every skips some)."""
+    rows = [h for h in history if h[key] is not None]
+    return [h["epoch"] for h in rows], [h[key] for h in rows]
+
+
 def draw_curve(ax: Axes, history: Sequence[dict], metric: str, eval_name: str = "val") -> None:
     """Training and selection-split `metric` ("loss" or "acc") per epoch; the best epoch marked."""
     label = _CURVES[metric][0]
     epochs = [h["epoch"] for h in history]
     ax.plot(epochs, [h[f"train_{metric}"] for h in history], marker=".", label="train (augmented)")
-    evaluated = [h for h in history if h[f"val_{metric}"] is not None]  # train.py --eval-every skips some
-    ax.plot([h["epoch"] for h in evaluated], [h[f"val_{metric}"] for h in evaluated], marker=".", label=eval_name)
+    ax.plot(*_selection_points(history, f"val_{metric}"), marker=".", label=eval_name)
     best = [h["epoch"] for h in history if h.get("improved")]
     if metric == "acc" and best:
         ax.axvline(best[-1], color="grey", linestyle=":", label=f"best {eval_name} (epoch {best[-1]})")
@@ -208,9 +213,7 @@ def save_run_comparison(histories: Mapping[str, Sequence[dict]], path: str | os.
     for i, (name, history) in enumerate(histories.items()):
         epochs = [h["epoch"] for h in history]
         ax.plot(epochs, [h["train_acc"] for h in history], color=f"C{i}", label=f"{name}: train")
-        evaluated = [h for h in history if h["val_acc"] is not None]
-        ax.plot([h["epoch"] for h in evaluated], [h["val_acc"] for h in evaluated], color=f"C{i}", linestyle="--",
-                label=f"{name}: {eval_name}")
+        ax.plot(*_selection_points(history, "val_acc"), color=f"C{i}", linestyle="--", label=f"{name}: {eval_name}")
     ax.set_xlabel("epoch")
     ax.set_ylabel("accuracy (%)")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))

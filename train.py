@@ -54,7 +54,7 @@ from data import (
     split_train_val,
 )
 from ema import WeightAverage
-from evaluate import evaluate, predict
+from evaluate import SELECTION_KEYS, evaluate, predict
 from model import build_model
 from runtime import (
     Distributed,
@@ -77,7 +77,6 @@ BEST_NAME = "learn_rate_consistent_model.pth"  # the paper's file name for the b
 LAST_NAME = "last.pth"
 HISTORY_NAME = "history.json"
 HISTORY_NUMBERS = ("epoch", "train_loss", "train_acc", "seconds")  # plotted and summed per row
-SELECTION_NUMBERS = ("val_loss", "val_acc")  # numbers, or null after an epoch not evaluated (--eval-every)
 EVAL_BATCH = 500  # images per evaluation batch: no gradients, so larger than the training batch
 
 
@@ -176,7 +175,7 @@ class Progress:
         numbers = (*self.partial, self.best_acc, self.partial_seconds) if isinstance(self.partial, list) else ()
         rows_ok = isinstance(self.history, list) and all(
             isinstance(row, dict) and all(type(row.get(k)) in (int, float) for k in HISTORY_NUMBERS)
-            and all(k in row and type(row[k]) in (int, float, type(None)) for k in SELECTION_NUMBERS)
+            and all(k in row and type(row[k]) in (int, float, type(None)) for k in SELECTION_KEYS)
             for row in self.history)
         if not (all(type(v) is int and v >= 0 for v in ints) and rows_ok and isinstance(self.run_id, str)
                 and len(numbers) == 5 and all(isinstance(v, (int, float)) for v in numbers)):
@@ -563,8 +562,8 @@ def end_epoch(run: Run, epoch: int, totals: list[float], train_seconds: float) -
     the epoch's line. An epoch not evaluated has no selection numbers (null in the history)."""
     cfg, progress, dist = run.cfg, run.progress, run.dist
     start = time.perf_counter()
-    val = {"loss": None, "acc": None}
-    if evaluated_after(cfg, epoch):
+    evaluated, val = evaluated_after(cfg, epoch), {"loss": None, "acc": None}
+    if evaluated:
         eval_model = run.selected_model()
         dist.broadcast_buffers(unwrap(run.model))
         if run.ema is not None:  # its BatchNorm statistics are copied from each rank's own: rank 0's for all
@@ -572,8 +571,8 @@ def end_epoch(run: Run, epoch: int, totals: list[float], train_seconds: float) -
         val = evaluate(eval_model, run.sel_loader, run.device, amp=cfg.amp, channels_last=cfg.channels_last,
                        tta=cfg.tta, shift=cfg.tta_shift, reduce=dist.all_reduce_sum)
     seconds = train_seconds + time.perf_counter() - start
-    improved = val["acc"] is not None and val["acc"] > progress.best_acc
-    reloaded = val["acc"] is not None and not improved and cfg.reload_best and run.best_weights is not None
+    improved = evaluated and val["acc"] > progress.best_acc
+    reloaded = evaluated and not improved and cfg.reload_best and run.best_weights is not None
     progress.epoch, progress.step, progress.partial, progress.partial_seconds = epoch, 0, [0.0] * 3, 0.0
     if improved:
         progress.best_acc, progress.best_epoch = val["acc"], epoch
@@ -594,7 +593,7 @@ def end_epoch(run: Run, epoch: int, totals: list[float], train_seconds: float) -
         _write_json(progress.history, run.out / HISTORY_NAME)
     run.tb.epoch(row, run.sel_name)
     note = "best" if improved else "reloaded best" if reloaded else ""
-    selection = (f"{run.sel_name} loss {row['val_loss']:.4f} acc {row['val_acc']:6.2f}%" if val["acc"] is not None
+    selection = (f"{run.sel_name} loss {row['val_loss']:.4f} acc {row['val_acc']:6.2f}%" if evaluated
                  else f"{run.sel_name} (not evaluated)".ljust(len(run.sel_name) + 24))
     run.say(f"epoch {epoch:>3}/{cfg.epochs} | train loss {row['train_loss']:.4f} acc {row['train_acc']:6.2f}% | "
             f"{selection} | lr {row['lr']:.4f} | {seconds:6.1f}s ({train_seconds:.1f}s training) | {note}")

@@ -178,8 +178,8 @@ def test_an_epoch_not_evaluated_logs_no_selection_scalars(tmp_path):
 
 
 def test_a_run_ending_on_an_epoch_not_evaluated_writes_its_summary(tiny_cifar, tmp_path):
-    """Stopped after epoch 1 of 3 with --eval-every 2, then ended with --resume --epochs 1: the last
-    row has no selection numbers, and the hparams summary leaves those out instead of failing."""
+    """A last.pth whose last row has no selection numbers (as after an unevaluated epoch), resumed with
+    --epochs at that epoch: the run ends there, and the hparams summary leaves those numbers out."""
     out = tmp_path / "out"
     assert train.main(tiny_train_args(tiny_cifar, out, "--epochs", "1", "--eval-every", "2")) == 0
     last = load_checkpoint(out / train.LAST_NAME)

@@ -230,7 +230,7 @@ def test_eval_every_evaluates_every_nth_epoch_and_the_last(tiny_cifar, tmp_path,
     assert (tmp_path / "accuracy_curve.png").read_bytes()[:8] == PNG
     # a damaged row (null train numbers) is still refused; null selection numbers are not a problem
     assert evaluate.history_problem([{**history[0], "train_acc": None}]) is not None
-    # the schedule is the epoch's number: a run resumed after an unevaluated epoch goes on the same way
+    # the schedule is the epoch's number: a finished run extended with --resume --epochs keeps it
     split = tmp_path / "split"
     assert train.main(tiny_train_args(tiny_cifar, split, "--epochs", "3", "--eval-every", "2", "--subset", "40",
                                       "--batch-size", "20")) == 0
