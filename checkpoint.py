@@ -211,10 +211,11 @@ def model_from_checkpoint(ckpt: dict, path: str | os.PathLike = "checkpoint") ->
     """Rebuild the model named in the checkpoint's config and load its weights (strictly)."""
     config = ckpt.get("config", {})
     arch, num_classes = config.get("arch", "resnet9"), config.get("num_classes", 10)
+    activation = config.get("activation", "relu")  # checkpoints written before --activation used ReLU
     if not isinstance(arch, str) or not isinstance(num_classes, int) or not 0 < num_classes <= 100_000:
         raise CheckpointError(f"{path}: its config names no usable model (arch={arch!r}, num_classes={num_classes!r})")
     try:
-        model = build_model(arch, num_classes)
+        model = build_model(arch, num_classes, activation)
     except ValueError as e:
         raise CheckpointError(f"{path}: {e}") from None
     state = clean_state_dict(ckpt["model"])

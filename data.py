@@ -45,6 +45,13 @@ CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 SPLIT_SEED = 0  # the validation hold-out is fixed: it does not move with --seed
 PAD = 4  # pixels of zero padding around an image before the random 32x32 crop
 EPOCH_CHUNK = 8192  # about this many images augmented per launch by the device loader on a GPU
+# Automatic augmentation policies (--augment), applied to each training image before cutout.
+# trivialaugment: torchvision's TrivialAugmentWide (Mueller & Hutter, 2021): one of 14 operations
+# per image, at a uniformly random strength, with no parameters to tune. The torchvision loader
+# applies it after the crop and flip, the device loader before them (its colour operations commute
+# with both, and its shears, shifts and rotations are drawn symmetrically, so a flip maps the
+# distribution onto itself).
+AUGMENT_POLICIES = ("none", "trivialaugment")
 
 
 class DataError(Exception):
@@ -213,12 +220,22 @@ def normalize() -> v2.Normalize:
     return v2.Normalize(CIFAR10_MEAN, CIFAR10_STD)
 
 
-def train_transform(rotation: float = 10.0) -> v2.Compose:
-    """The paper's augmentation, in its order: padded random crop, flip, rotation within +-10 deg."""
+def policy_transform(policy: str) -> v2.Transform | None:
+    """The --augment policy's transform (None for none); it takes PIL images and uint8 tensors."""
+    if policy not in AUGMENT_POLICIES:
+        raise ValueError(f"unknown augmentation policy {policy!r}; known: {', '.join(AUGMENT_POLICIES)}")
+    return v2.TrivialAugmentWide() if policy == "trivialaugment" else None
+
+
+def train_transform(rotation: float = 10.0, policy: str = "none") -> v2.Compose:
+    """The paper's augmentation, in its order: padded random crop, flip, rotation within +-10 deg;
+    then the --augment policy, if any."""
+    extra = policy_transform(policy)
     return v2.Compose([
         v2.RandomCrop(32, padding=PAD),  # zero padding of 4 px on each side, then a random 32x32 window
         v2.RandomHorizontalFlip(),  # p = 0.5
         *([v2.RandomRotation(rotation)] if rotation else []),  # uniform in [-10, 10] deg, nearest, zero fill
+        *([extra] if extra is not None else []),
         v2.ToImage(),
         v2.ToDtype(torch.float32, scale=True),  # uint8 0..255 -> float 0..1
         normalize(),
@@ -330,11 +347,13 @@ class TorchvisionLoader(_EpochBatches):
     """The paper's pipeline: PIL transforms in DataLoader workers."""
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, batch_size: int, *, seed: int, workers: int,
-                 device: torch.device, rank: int = 0, world_size: int = 1, rotation: float = 10.0) -> None:
+                 device: torch.device, rank: int = 0, world_size: int = 1, rotation: float = 10.0,
+                 policy: str = "none") -> None:
         self.batch_size = batch_size
         self.sampler = EpochSampler(len(images), seed, rank, world_size)
         self.loader = DataLoader(
-            ImageDataset(images, labels, train_transform(rotation)), batch_size=batch_size, sampler=self.sampler,
+            ImageDataset(images, labels, train_transform(rotation, policy)), batch_size=batch_size,
+            sampler=self.sampler,
             num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=workers > 0,
             worker_init_fn=_init_worker, generator=torch.Generator().manual_seed(seed), drop_last=False)
 
@@ -421,14 +440,35 @@ def augment_batch(images: torch.Tensor, top: torch.Tensor, left: torch.Tensor, f
     return out * inside.unsqueeze(1).to(out.dtype)
 
 
+def apply_policy(images: torch.Tensor, seeds: list[int], policy: v2.Transform) -> torch.Tensor:
+    """`policy` applied to each uint8 3 x 32 x 32 image (on the CPU) with its random draws seeded by
+    its own seed, so that an image's augmentation depends on nothing but (run seed, epoch, index).
+    One image at a time, as TrivialAugment draws per image: about 0.1 ms each on one core (4 s per
+    epoch of 40,000 images); torchvision's batched call would give a whole batch the same operation.
+    The caller's random state is left as it was."""
+    out = torch.empty_like(images)
+    with torch.random.fork_rng(devices=[]):
+        for i, seed in enumerate(seeds):
+            torch.default_generator.manual_seed(seed)
+            out[i] = policy(images[i])
+    return out
+
+
+def _policy_seeds(seed: int, epoch: int, indices: list[int]) -> list[int]:
+    return [mix_seed(seed, epoch, i, 1) for i in indices]  # the 1: a stream apart from the sampler's
+
+
 def augmented_examples(images: np.ndarray, seed: int, rotation: float = 10.0, n: int = 64,
-                       cutout: int = 0) -> torch.Tensor:
+                       cutout: int = 0, policy: str = "none") -> torch.Tensor:
     """The first n training images as DeviceLoader augments them in epoch 1 (uint8 n x 3 x 32 x 32, on
     the CPU): the same per-image parameters, drawn for every image and indexed by it; for showing."""
     generator = torch.Generator().manual_seed(mix_seed(seed, 1))
     params = augment_params(len(images), generator, rotation, cutout)
-    return augment_batch(to_device_images(images[:n], torch.device("cpu")), **{k: v[:n] for k, v in params.items()},
-                         cutout=cutout)
+    x = to_device_images(images[:n], torch.device("cpu"))
+    transform = policy_transform(policy)
+    if transform is not None:
+        x = apply_policy(x, _policy_seeds(seed, 1, list(range(len(x)))), transform)
+    return augment_batch(x, **{k: v[:n] for k, v in params.items()}, cutout=cutout)
 
 
 class DeviceLoader(_EpochBatches):
@@ -439,8 +479,9 @@ class DeviceLoader(_EpochBatches):
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, batch_size: int, *, seed: int,
                  device: torch.device, rank: int = 0, world_size: int = 1, rotation: float = 10.0,
-                 epoch_chunk: int | None = None, cutout: int = 0) -> None:
+                 epoch_chunk: int | None = None, cutout: int = 0, policy: str = "none") -> None:
         self.batch_size, self.rotation, self.cutout, self.device = batch_size, rotation, cutout, device
+        self.policy = policy_transform(policy)
         # On a GPU the epoch is augmented up front in a few large launches (50,000 images are 600 MB
         # as float32): at batch 64, launching the augmentation's kernels per batch would cost more
         # time than the step itself. On the CPU batch by batch: the same pixels, less memory.
@@ -448,8 +489,20 @@ class DeviceLoader(_EpochBatches):
             epoch_chunk = EPOCH_CHUNK if device.type == "cuda" else batch_size
         self.epoch_chunk = epoch_chunk
         self.images = to_device_images(images, device)
+        # The policy's operations run image by image on the CPU (a GPU would wait on thousands of
+        # tiny launches), from a host copy; on the CPU that copy is the same tensor.
+        self.host_images = self.images if device.type == "cpu" or self.policy is None else \
+            to_device_images(images, torch.device("cpu"))
         self.labels = torch.from_numpy(labels).to(device)
         self.sampler = EpochSampler(len(images), seed, rank, world_size)
+
+    def _source(self, idx: torch.Tensor) -> torch.Tensor:
+        """The images `idx` before the crop, flip and cutout: with the policy applied, if any."""
+        if self.policy is None:
+            return self.images[idx]
+        cpu_idx = idx.cpu()
+        seeds = _policy_seeds(self.sampler.seed, self.sampler.epoch, cpu_idx.tolist())
+        return apply_policy(self.host_images[cpu_idx], seeds, self.policy).to(self.device, non_blocking=True)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         order = torch.tensor(self.sampler.indices(), dtype=torch.long).to(self.device)
@@ -459,7 +512,7 @@ class DeviceLoader(_EpochBatches):
         chunk = max(1, self.epoch_chunk // self.batch_size) * self.batch_size  # whole batches per launch
         for start in range(0, len(order), chunk):
             idx = order[start:start + chunk]
-            x = normalize_batch(augment_batch(self.images[idx], **{k: v[idx] for k, v in params.items()},
+            x = normalize_batch(augment_batch(self._source(idx), **{k: v[idx] for k, v in params.items()},
                                               cutout=self.cutout))
             y = self.labels[idx]
             for i in range(0, len(idx), self.batch_size):

@@ -26,10 +26,12 @@ dependencies = ["torch"]  # what torch.hub checks before loading this file
 SHIPPED_WEIGHTS = Path(__file__).resolve().parent / "model" / "learn_rate_consistent_model.pth"
 
 
-def resnet9(pretrained: bool = False, weights: str | None = None, num_classes: int = 10) -> nn.Module:
+def resnet9(pretrained: bool = False, weights: str | None = None, num_classes: int = 10,
+            activation: str = "relu") -> nn.Module:
     """ResNet9 (4,903,242 parameters for 10 classes). pretrained=True: the shipped weights (or the
     checkpoint or .safetensors file named by `weights`), in eval mode; pretrained=False: freshly
-    initialised for `num_classes`, in train mode. Raises checkpoint.CheckpointError (one line, naming
+    initialised for `num_classes` (and `activation`: model.ACTIVATIONS), in train mode; a checkpoint
+    brings its own activation. Raises checkpoint.CheckpointError (one line, naming
     the file) when the weights are missing or damaged."""
     from checkpoint import load_checkpoint, model_from_checkpoint
     from model import resnet9 as build
@@ -37,7 +39,7 @@ def resnet9(pretrained: bool = False, weights: str | None = None, num_classes: i
     if not pretrained:
         if weights is not None:
             raise ValueError("weights= is for pretrained=True; pretrained=False builds a fresh model")
-        return build(num_classes)
+        return build(num_classes, activation)
     path = Path(weights) if weights is not None else SHIPPED_WEIGHTS
     model = model_from_checkpoint(load_checkpoint(path), path)
     if model.linear.out_features != num_classes:

@@ -18,15 +18,27 @@ import torch.nn.functional as F
 from torch import nn
 
 ARCHITECTURES = ("resnet9",)  # names `build_model` accepts; stored in every checkpoint's config
+# The nonlinearity after each BatchNorm (and after each residual sum). ReLU is the paper's; the paper's
+# "Improvements" names ELU. None has parameters, so the count stays 4,903,242 whichever is used.
+ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "elu": nn.ELU, "celu": nn.CELU, "gelu": nn.GELU}
+
+
+def make_activation(name: str) -> nn.Module:
+    """The activation module named `name` (a key of ACTIVATIONS)."""
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {name!r}; known: {', '.join(ACTIVATIONS)}")
+    return ACTIVATIONS[name]()
 
 
 class BasicBlock(nn.Module):
-    """Two 3x3 conv-BN layers with an identity (or 1x1 conv-BN) shortcut, ReLU after the sum."""
+    """Two 3x3 conv-BN layers with an identity (or 1x1 conv-BN) shortcut, the activation (ReLU) after
+    the first and after the sum."""
 
     expansion = 1
 
-    def __init__(self, in_planes: int, planes: int, stride: int = 1) -> None:
+    def __init__(self, in_planes: int, planes: int, stride: int = 1, activation: str = "relu") -> None:
         super().__init__()
+        self.act = make_activation(activation)
         self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(planes)
         self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
@@ -40,17 +52,19 @@ class BasicBlock(nn.Module):
             )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.act(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
-        return F.relu(out + self.shortcut(x))
+        return self.act(out + self.shortcut(x))
 
 
 class ResNet(nn.Module):
     """CIFAR-style ResNet: no max-pool after the stem, so a 32x32 input ends at 4x4 before pooling."""
 
-    def __init__(self, block: type[BasicBlock], num_blocks: list[int], num_classes: int = 10) -> None:
+    def __init__(self, block: type[BasicBlock], num_blocks: list[int], num_classes: int = 10,
+                 activation: str = "relu") -> None:
         super().__init__()
-        self.in_planes = 64
+        self.in_planes, self.activation = 64, activation
+        self.act = make_activation(activation)
         self.conv1 = nn.Conv2d(3, 64, 3, stride=1, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(64)
         self.layer1 = self._make_layer(block, 64, num_blocks[0], stride=1)
@@ -62,27 +76,27 @@ class ResNet(nn.Module):
     def _make_layer(self, block: type[BasicBlock], planes: int, num_blocks: int, stride: int) -> nn.Sequential:
         layers = []
         for s in [stride] + [1] * (num_blocks - 1):  # only the first block of a stage downsamples
-            layers.append(block(self.in_planes, planes, s))
+            layers.append(block(self.in_planes, planes, s, self.activation))
             self.in_planes = planes * block.expansion
         return nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.act(self.bn1(self.conv1(x)))
         out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
         out = F.adaptive_avg_pool2d(out, 1).flatten(1)  # global average pool: 4x4 for 32x32 inputs
         return self.linear(out)
 
 
-def resnet9(num_classes: int = 10) -> ResNet:
+def resnet9(num_classes: int = 10, activation: str = "relu") -> ResNet:
     """The paper's model: one BasicBlock per stage, 4,903,242 parameters for 10 classes."""
-    return ResNet(BasicBlock, [1, 1, 1, 1], num_classes=num_classes)
+    return ResNet(BasicBlock, [1, 1, 1, 1], num_classes=num_classes, activation=activation)
 
 
-def build_model(arch: str, num_classes: int = 10) -> ResNet:
-    """Build a model by the name stored in a checkpoint's config."""
+def build_model(arch: str, num_classes: int = 10, activation: str = "relu") -> ResNet:
+    """Build a model by the names stored in a checkpoint's config."""
     if arch != "resnet9":
         raise ValueError(f"unknown architecture {arch!r}; known: {', '.join(ARCHITECTURES)}")
-    return resnet9(num_classes)
+    return resnet9(num_classes, activation)
 
 
 def count_parameters(model: nn.Module) -> int:

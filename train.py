@@ -346,7 +346,7 @@ def build_loaders(cfg: TrainConfig, device: torch.device, dist: Distributed):
     if cfg.cutout and not on_device:
         raise UsageError("--cutout is done by the device loader; drop --loader torchvision or --cutout")
     common = {"seed": cfg.seed, "device": device, "rank": dist.rank, "world_size": dist.world_size,
-              "rotation": cfg.rotation}
+              "rotation": cfg.rotation, "policy": cfg.augment}
     images, labels, local_batch = data.train_images[train_idx], data.train_labels[train_idx], \
         cfg.batch_size // dist.world_size
     loader = (DeviceLoader(images, labels, local_batch, cutout=cfg.cutout, **common) if on_device
@@ -354,10 +354,16 @@ def build_loaders(cfg: TrainConfig, device: torch.device, dist: Distributed):
     sel_loader = make_eval_loader(sel_images, sel_labels, EVAL_BATCH, workers=workers, device=device,
                                   rank=dist.rank, world_size=dist.world_size, on_device=on_device)
     every = f" after every {cfg.eval_every} epochs and the last" if cfg.eval_every > 1 else ""
-    summary = (f"training {cfg.arch} on {len(train_idx)} images, selecting on {len(sel_labels)} {sel_name} images"
-               f"{' (the paper protocol: optimistic)' if not cfg.val_size else ''}{every}; {cfg.loader} loader"
-               f"{'' if on_device else f' with {workers} worker(s)'}")
-    examples = functools.partial(augmented_examples, images[:64], cfg.seed, cfg.rotation, cutout=cfg.cutout)
+    activation = "" if cfg.activation == "relu" else f" ({cfg.activation})"
+    policy = "" if cfg.augment == "none" else f", {cfg.augment}"
+    once = cfg.eval_every >= cfg.epochs  # only the last epoch is evaluated: the split chooses nothing
+    selecting = (f"testing on {len(sel_labels)} {sel_name} images once, after the last epoch" if once else
+                 f"selecting on {len(sel_labels)} {sel_name} images"
+                 f"{' (the paper protocol: optimistic)' if not cfg.val_size else ''}{every}")
+    summary = (f"training {cfg.arch}{activation} on {len(train_idx)} images, {selecting}; "
+               f"{cfg.loader} loader{'' if on_device else f' with {workers} worker(s)'}{policy}")
+    examples = functools.partial(augmented_examples, images[:64], cfg.seed, cfg.rotation, cutout=cfg.cutout,
+                                 policy=cfg.augment)
     return loader, sel_loader, sel_name, summary, examples
 
 
@@ -439,7 +445,7 @@ def build_training(cfg: TrainConfig, device: torch.device,
     elif device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN time its algorithms once
     seed_everything(cfg.seed)
-    model = build_model(cfg.arch, cfg.num_classes).to(device)
+    model = build_model(cfg.arch, cfg.num_classes, cfg.activation).to(device)
     if cfg.sync_bn and dist.enabled:
         model = convert_sync_batchnorm(model, device)
     if cfg.channels_last:
