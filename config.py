@@ -49,6 +49,18 @@ WORKERS = _check(lambda s: -1 if s == "auto" else NONNEG_INT(s), lambda v: v >= 
 DEVICE = _check(str, lambda v: v in ("auto", "cpu", "mps", "cuda") or (v.startswith("cuda:") and v[5:].isdigit()),
                 "auto, cpu, cuda, cuda:N or mps")
 SECONDS = _check(float, lambda v: math.isfinite(v) and v > 0, "a positive number of seconds")
+RESOLUTION = _check(int, lambda v: 8 <= v <= 32 and v % 4 == 0, "a multiple of 4 in 8..32 pixels")
+
+
+def _ramp_ok(text: str) -> bool:
+    try:
+        start, end = (float(v) for v in text.split(","))
+    except ValueError:
+        return False
+    return 0 <= start <= end <= 1
+
+
+RAMP = _check(str, _ramp_ok, "two fractions START,END of the run with 0 <= START <= END <= 1")
 
 
 def _field(default, help: str, type: Callable | None = None, **extra):
@@ -83,6 +95,11 @@ class TrainConfig:
     augment: str = _field("none", "automatic augmentation policy for each training image, before cutout: none, or "
                           "trivialaugment (TrivialAugment Wide: one of 14 operations at a random strength)", str,
                           choices=AUGMENT_POLICIES)
+    min_res: int = _field(32, "progressive resizing: train the first epochs on images scaled down to this many "
+                          "pixels a side, rising to 32 between --res-ramp (fractions of the run); 32: off",
+                          RESOLUTION)
+    res_ramp: str = _field("0.25,0.75", "progressive resizing: the fractions of the run where the resolution starts "
+                           "to rise from --min-res and where it reaches 32", RAMP)
     tta: bool = _field(False, "evaluate with horizontal-flip test-time augmentation")
     tta_shift: int = _field(0, "with --tta, also average the image and its mirror image shifted by this many pixels "
                             "diagonally, both ways: 6 views (0: 2 views)", PIXELS)
@@ -227,6 +244,19 @@ def resumed_config(given: dict, saved: dict, source: str) -> TrainConfig:
         return TrainConfig(**{**saved, **platform, **given})
     except TypeError as e:
         raise UsageError(f"{source}: its config is unusable ({e})") from None
+
+
+def resolution_at(cfg: TrainConfig, epoch: int) -> int:
+    """The side, in pixels, of the training images in epoch `epoch` (1-based): --min-res until the
+    --res-ramp start, then rising linearly (in steps of 4 pixels) to 32 at its end, 32 after."""
+    if cfg.min_res >= 32:
+        return 32
+    start, end = (float(v) for v in cfg.res_ramp.split(","))
+    done = (epoch - 1) / cfg.epochs  # the fraction of the run before this epoch
+    if done >= end:
+        return 32
+    rise = 0.0 if done < start else (done - start) / (end - start)
+    return min(32, cfg.min_res + 4 * round(rise * (32 - cfg.min_res) / 4))
 
 
 def lr_at(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:

@@ -323,13 +323,19 @@ class _EpochBatches:
     """What both training loaders share: batches of `batch_size` per rank in an EpochSampler's order.
 
     `set_epoch(epoch, start_step)` picks the epoch's permutation (and a step to start at) before
-    iterating; `len()` is the number of steps left in that epoch."""
+    iterating; `len()` is the number of steps left in that epoch. `resolution` is the side, in
+    pixels, of the batches handed out (progressive resizing: below 32 they are scaled down)."""
 
     batch_size: int
     sampler: EpochSampler
+    resolution: int = 32
 
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
         self.sampler.set_epoch(epoch, start_step * self.batch_size)
+
+    def _sized(self, batches: Iterator[tuple[torch.Tensor, torch.Tensor]]) -> Iterator[tuple[torch.Tensor, ...]]:
+        for x, y in batches:
+            yield resize_batch(x, self.resolution), y
 
     def __len__(self) -> int:
         return -(-self.images_left // self.batch_size)
@@ -358,7 +364,7 @@ class TorchvisionLoader(_EpochBatches):
             worker_init_fn=_init_worker, generator=torch.Generator().manual_seed(seed), drop_last=False)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        return iter(self.loader)
+        return self._sized(iter(self.loader))
 
 
 def make_eval_loader(images: np.ndarray, labels: np.ndarray, batch_size: int, *, workers: int,
@@ -378,6 +384,15 @@ def make_eval_loader(images: np.ndarray, labels: np.ndarray, batch_size: int, *,
 def to_device_images(images: np.ndarray, device: torch.device) -> torch.Tensor:
     """uint8 N x 32 x 32 x 3 (HWC) -> uint8 N x 3 x 32 x 32 on the device."""
     return torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))).to(device)
+
+
+def resize_batch(x: torch.Tensor, size: int) -> torch.Tensor:
+    """A float B x 3 x H x W batch scaled to size x size by area averaging (each pixel of the smaller
+    image is the mean of the pixels it covers, as a coarser camera would see them); unchanged if it
+    is that size already. The network takes any size: its global average pool ends at 1 x 1."""
+    if x.shape[-1] == size and x.shape[-2] == size:
+        return x
+    return torch.nn.functional.interpolate(x, size=(size, size), mode="area")
 
 
 def normalize_batch(images: torch.Tensor) -> torch.Tensor:
@@ -505,6 +520,9 @@ class DeviceLoader(_EpochBatches):
         return apply_policy(self.host_images[cpu_idx], seeds, self.policy).to(self.device, non_blocking=True)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return self._sized(self._batches())
+
+    def _batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         order = torch.tensor(self.sampler.indices(), dtype=torch.long).to(self.device)
         generator = torch.Generator().manual_seed(mix_seed(self.sampler.seed, self.sampler.epoch))
         params = {k: v.to(self.device)

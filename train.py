@@ -41,7 +41,7 @@ from tqdm import tqdm
 
 import plots
 from checkpoint import CheckpointError, clean_state_dict, load_checkpoint, save_checkpoint, unwrap
-from config import TrainConfig, UsageError, fresh_config, lr_at, parse_args, resumed_config
+from config import TrainConfig, UsageError, fresh_config, lr_at, parse_args, resolution_at, resumed_config
 from data import (
     CLASSES,
     DataError,
@@ -310,6 +310,8 @@ def cuda_graph_problem(cfg: TrainConfig, device: torch.device, distributed: bool
         return "the graph records the learning rate, so it needs --schedule constant"
     if distributed:
         return "it runs in a single process, not under torchrun"
+    if cfg.min_res < 32:
+        return "progressive resizing (--min-res) changes the shape of the batches"
     if cfg.ema:
         # Not yet shown on a GPU to give the eager run's average (one comparison disagreed on a
         # BatchNorm statistic): until it is, the weight average trains eagerly.
@@ -525,6 +527,7 @@ def train_epoch(run: Run, epoch: int, stop: StopFlag) -> tuple[int, list[float],
     over all processes, and the seconds spent training in this epoch."""
     progress, cfg = run.progress, run.cfg
     run.loader.set_epoch(epoch, progress.step)
+    run.loader.resolution = resolution_at(cfg, epoch)
     # Under torchrun each process adds its own sums; the resumed partial sums count once.
     sums = torch.tensor(progress.partial if run.dist.is_main else [0.0] * 3, device=run.device)
     run.tb.start_epoch(progress.partial)
@@ -590,7 +593,8 @@ def end_epoch(run: Run, epoch: int, totals: list[float], train_seconds: float) -
     row = {"epoch": epoch, "train_loss": loss_sum / n, "train_acc": 100 * correct / n,
            "val_loss": val["loss"], "val_acc": val["acc"], "lr": run.optimizer.param_groups[0]["lr"],
            "seconds": round(seconds, 2), "train_seconds": round(train_seconds, 2),
-           "images_per_second": round(n / max(train_seconds, 1e-9), 1), "improved": improved, "reloaded": reloaded}
+           "images_per_second": round(n / max(train_seconds, 1e-9), 1), "improved": improved, "reloaded": reloaded,
+           "resolution": run.loader.resolution}
     progress.history.append(row)
     if dist.is_main:  # last.pth first: a crash before the best one is written is repaired on resume
         save_checkpoint(_last_state(cfg, progress, run.model, run.optimizer, run.ema), run.out / LAST_NAME)
@@ -599,6 +603,8 @@ def end_epoch(run: Run, epoch: int, totals: list[float], train_seconds: float) -
         _write_json(progress.history, run.out / HISTORY_NAME)
     run.tb.epoch(row, run.sel_name)
     note = "best" if improved else "reloaded best" if reloaded else ""
+    if cfg.min_res < 32:
+        note = f"{row['resolution']} px {note}".rstrip()
     selection = (f"{run.sel_name} loss {row['val_loss']:.4f} acc {row['val_acc']:6.2f}%" if evaluated
                  else f"{run.sel_name} (not evaluated)".ljust(len(run.sel_name) + 24))
     run.say(f"epoch {epoch:>3}/{cfg.epochs} | train loss {row['train_loss']:.4f} acc {row['train_acc']:6.2f}% | "

@@ -1,0 +1,68 @@
+"""Progressive resizing (--min-res, --res-ramp): the schedule of resolutions, the batches the
+loaders hand out, and a run that trains through it and evaluates at 32 pixels."""
+import numpy as np
+import pytest
+import torch
+
+import train
+from config import TrainConfig, get_args_parser, resolution_at
+from conftest import synthetic_images, tiny_train_args
+from data import DeviceLoader, TorchvisionLoader, resize_batch
+
+CPU = torch.device("cpu")
+
+
+def test_resolution_rises_from_min_res_to_32_over_the_ramp():
+    cfg = TrainConfig(epochs=20, min_res=16, res_ramp="0.25,0.75")
+    sides = [resolution_at(cfg, e) for e in range(1, 21)]
+    assert sides[:6] == [16] * 6  # epochs 1-5 start before 25% of the run, and epoch 6 at it
+    assert sides[15:] == [32] * 5  # from 75% of the run on
+    assert all(a <= b for a, b in zip(sides, sides[1:], strict=False)) and all(s % 4 == 0 for s in sides)
+    assert len(set(sides[5:16])) >= 4  # a ramp, not a jump
+    assert [resolution_at(TrainConfig(epochs=4), e) for e in range(1, 5)] == [32] * 4  # off by default
+    jump = TrainConfig(epochs=10, min_res=24, res_ramp="0.5,0.5")
+    assert [resolution_at(jump, e) for e in range(1, 11)] == [24] * 5 + [32] * 5
+
+
+@pytest.mark.parametrize("flags", [["--min-res", "30"], ["--min-res", "4"], ["--res-ramp", "0.8,0.2"],
+                                   ["--res-ramp", "half"], ["--res-ramp", "0.1,1.5"]])
+def test_bad_resizing_flags_are_refused(flags, capsys):
+    with pytest.raises(SystemExit):
+        get_args_parser().parse_args(flags)
+    assert "is not" in capsys.readouterr().err
+
+
+def test_resize_batch_averages_and_keeps_32_untouched():
+    x = torch.arange(4.0).repeat_interleave(16).view(1, 1, 1, 64).expand(1, 3, 64, 64).contiguous()
+    assert resize_batch(x, 64) is x
+    small = resize_batch(x, 4)
+    assert small.shape == (1, 3, 4, 4)
+    torch.testing.assert_close(small[0, 0, 0], torch.arange(4.0))  # each output pixel: the mean of its 16 columns
+
+
+@pytest.mark.parametrize("kind", ["device", "torchvision"])
+def test_loaders_hand_out_batches_at_their_resolution(kind):
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 10, 24)
+    images = synthetic_images(labels, rng)
+    make = (lambda: DeviceLoader(images, labels, 8, seed=0, device=CPU)) if kind == "device" else \
+        (lambda: TorchvisionLoader(images, labels, 8, seed=0, workers=0, device=CPU))
+    full, small = make(), make()
+    small.resolution = 16
+    for loader in (full, small):
+        loader.set_epoch(1)
+    for (a, ya), (b, yb) in zip(full, small, strict=True):
+        assert a.shape[-2:] == (32, 32) and b.shape[-2:] == (16, 16) and torch.equal(ya, yb)
+        torch.testing.assert_close(b, resize_batch(a, 16))  # the same augmented images, scaled down
+
+
+def test_a_run_with_progressive_resizing_trains_small_then_evaluates_at_32(tiny_cifar, tmp_path, capsys):
+    args = tiny_train_args(tiny_cifar, tmp_path, "--epochs", "4", "--min-res", "16", "--res-ramp", "0.5,0.5")
+    assert train.main(args) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("epoch")]
+    history = train.load_checkpoint(tmp_path / train.LAST_NAME)["progress"]["history"]
+    assert [h["resolution"] for h in history] == [16, 16, 32, 32]
+    assert "16 px" in lines[0] and "32 px" in lines[3]
+    assert all(h["val_acc"] is not None for h in history)  # evaluated on 32-pixel images every epoch
+    problem = train.cuda_graph_problem(TrainConfig(min_res=16), torch.device("cuda"))
+    assert problem is not None and "--min-res" in problem
