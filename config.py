@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import NoReturn
 
-from data import AUGMENT_POLICIES
+from data import AUGMENT_POLICIES, FLIPS
 from model import ACTIVATIONS, ARCHITECTURES
 
 
@@ -92,6 +92,9 @@ class TrainConfig:
     rotation: float = _field(10.0, "random rotation range, +- degrees (0: none)", DEGREES)
     cutout: int = _field(0, "side of a square blanked at a random place of each training image, pixels (0: none; "
                          "device loader)", PIXELS)
+    flip: str = _field("random", "horizontal flips: random (a coin per image and epoch, the paper's), or alternate "
+                       "(random in the first epoch, then the other side every epoch; device loader)", str,
+                       choices=FLIPS)
     augment: str = _field("none", "automatic augmentation policy for each training image, before cutout: none, or "
                           "trivialaugment (TrivialAugment Wide: one of 14 operations at a random strength)", str,
                           choices=AUGMENT_POLICIES)

@@ -52,6 +52,7 @@ EPOCH_CHUNK = 8192  # about this many images augmented per launch by the device 
 # with both, and its shears, shifts and rotations are drawn symmetrically, so a flip maps the
 # distribution onto itself).
 AUGMENT_POLICIES = ("none", "trivialaugment")
+FLIPS = ("random", "alternate")  # --flip: each epoch's own coin per image, or the other side each epoch
 
 
 class DataError(Exception):
@@ -420,6 +421,14 @@ def augment_params(n: int, generator: torch.Generator, rotation: float = 10.0,
     return params
 
 
+def alternating_flips(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """--flip alternate: each image is flipped or not at random in the first epoch and the other way
+    in each epoch after, so that any two epochs in a row show it both ways (airbench's derandomised
+    flips: random flips show an image the same way two epochs running half the time)."""
+    first = torch.rand(n, generator=torch.Generator().manual_seed(mix_seed(seed, 2))) < 0.5
+    return first ^ bool((epoch - 1) % 2)
+
+
 def augment_batch(images: torch.Tensor, top: torch.Tensor, left: torch.Tensor, flip: torch.Tensor,
                   angle: torch.Tensor, cut_y: torch.Tensor | None = None, cut_x: torch.Tensor | None = None,
                   cutout: int = 0) -> torch.Tensor:
@@ -494,8 +503,11 @@ class DeviceLoader(_EpochBatches):
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, batch_size: int, *, seed: int,
                  device: torch.device, rank: int = 0, world_size: int = 1, rotation: float = 10.0,
-                 epoch_chunk: int | None = None, cutout: int = 0, policy: str = "none") -> None:
+                 epoch_chunk: int | None = None, cutout: int = 0, policy: str = "none", flip: str = "random") -> None:
         self.batch_size, self.rotation, self.cutout, self.device = batch_size, rotation, cutout, device
+        if flip not in FLIPS:
+            raise ValueError(f"unknown flip {flip!r}; known: {', '.join(FLIPS)}")
+        self.alternate_flips = flip == "alternate"
         self.policy = policy_transform(policy)
         # On a GPU the epoch is augmented up front in a few large launches (50,000 images are 600 MB
         # as float32): at batch 64, launching the augmentation's kernels per batch would cost more
@@ -525,8 +537,10 @@ class DeviceLoader(_EpochBatches):
     def _batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         order = torch.tensor(self.sampler.indices(), dtype=torch.long).to(self.device)
         generator = torch.Generator().manual_seed(mix_seed(self.sampler.seed, self.sampler.epoch))
-        params = {k: v.to(self.device)
-                  for k, v in augment_params(len(self.images), generator, self.rotation, self.cutout).items()}
+        params = augment_params(len(self.images), generator, self.rotation, self.cutout)
+        if self.alternate_flips:
+            params["flip"] = alternating_flips(len(self.images), self.sampler.seed, self.sampler.epoch)
+        params = {k: v.to(self.device) for k, v in params.items()}
         chunk = max(1, self.epoch_chunk // self.batch_size) * self.batch_size  # whole batches per launch
         for start in range(0, len(order), chunk):
             idx = order[start:start + chunk]

@@ -345,13 +345,14 @@ def build_loaders(cfg: TrainConfig, device: torch.device, dist: Distributed):
         sel_images, sel_labels, sel_name = data.test_images, data.test_labels, "test"
     workers = default_workers(device) if cfg.workers == -1 else cfg.workers
     on_device = cfg.loader == "device"
-    if cfg.cutout and not on_device:
-        raise UsageError("--cutout is done by the device loader; drop --loader torchvision or --cutout")
+    if (cfg.cutout or cfg.flip != "random") and not on_device:
+        raise UsageError("--cutout and --flip alternate are done by the device loader; drop --loader torchvision "
+                         "or them")
     common = {"seed": cfg.seed, "device": device, "rank": dist.rank, "world_size": dist.world_size,
               "rotation": cfg.rotation, "policy": cfg.augment}
     images, labels, local_batch = data.train_images[train_idx], data.train_labels[train_idx], \
         cfg.batch_size // dist.world_size
-    loader = (DeviceLoader(images, labels, local_batch, cutout=cfg.cutout, **common) if on_device
+    loader = (DeviceLoader(images, labels, local_batch, cutout=cfg.cutout, flip=cfg.flip, **common) if on_device
               else TorchvisionLoader(images, labels, local_batch, workers=workers, **common))
     sel_loader = make_eval_loader(sel_images, sel_labels, EVAL_BATCH, workers=workers, device=device,
                                   rank=dist.rank, world_size=dist.world_size, on_device=on_device)

@@ -1,5 +1,8 @@
-"""Progressive resizing (--min-res, --res-ramp): the schedule of resolutions, the batches the
-loaders hand out, and a run that trains through it and evaluates at 32 pixels."""
+"""Levers of the fast recipe: progressive resizing (--min-res, --res-ramp: the schedule of
+resolutions, the batches the loaders hand out, a run that trains through it and evaluates at 32
+pixels) and alternating flips (--flip alternate)."""
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -7,7 +10,7 @@ import torch
 import train
 from config import TrainConfig, get_args_parser, resolution_at
 from conftest import synthetic_images, tiny_train_args
-from data import DeviceLoader, TorchvisionLoader, resize_batch
+from data import DeviceLoader, TorchvisionLoader, alternating_flips, resize_batch
 
 CPU = torch.device("cpu")
 
@@ -17,7 +20,7 @@ def test_resolution_rises_from_min_res_to_32_over_the_ramp():
     sides = [resolution_at(cfg, e) for e in range(1, 21)]
     assert sides[:6] == [16] * 6  # epochs 1-5 start before 25% of the run, and epoch 6 at it
     assert sides[15:] == [32] * 5  # from 75% of the run on
-    assert all(a <= b for a, b in zip(sides, sides[1:], strict=False)) and all(s % 4 == 0 for s in sides)
+    assert all(a <= b for a, b in itertools.pairwise(sides)) and all(s % 4 == 0 for s in sides)
     assert len(set(sides[5:16])) >= 4  # a ramp, not a jump
     assert [resolution_at(TrainConfig(epochs=4), e) for e in range(1, 5)] == [32] * 4  # off by default
     jump = TrainConfig(epochs=10, min_res=24, res_ramp="0.5,0.5")
@@ -66,3 +69,34 @@ def test_a_run_with_progressive_resizing_trains_small_then_evaluates_at_32(tiny_
     assert all(h["val_acc"] is not None for h in history)  # evaluated on 32-pixel images every epoch
     problem = train.cuda_graph_problem(TrainConfig(min_res=16), torch.device("cuda"))
     assert problem is not None and "--min-res" in problem
+
+
+def test_alternating_flips_show_each_image_both_ways_in_any_two_epochs_running():
+    labels = np.arange(64) % 10
+    flips = [alternating_flips(64, 3, e) for e in range(1, 5)]
+    assert 16 < int(flips[0].sum()) < 48  # the first epoch: a coin per image
+    for a, b in itertools.pairwise(flips):
+        assert torch.equal(a, ~b)
+    assert torch.equal(flips[0], alternating_flips(64, 3, 1)) and not torch.equal(flips[0], alternating_flips(64, 4, 1))
+    # Bright left halves: after a crop of at most 4 pixels, an image shows its bright half on the
+    # right exactly when it was flipped.
+    halves = np.zeros((64, 32, 32, 3), np.uint8)
+    halves[:, :, :16] = 255
+    common = {"seed": 3, "device": CPU, "rotation": 0.0}
+    loader = DeviceLoader(halves, labels, 64, flip="alternate", **common)
+    for epoch in (1, 2, 3):
+        loader.set_epoch(epoch)
+        order = torch.tensor(loader.sampler.indices())
+        x, _ = next(iter(loader))
+        flipped = torch.empty(64, dtype=torch.bool)
+        flipped[order] = x[..., 16:].sum((1, 2, 3)) > x[..., :16].sum((1, 2, 3))
+        assert torch.equal(flipped, alternating_flips(64, 3, epoch))
+    with pytest.raises(ValueError, match="unknown flip"):
+        DeviceLoader(halves, labels, 8, flip="never", **common)
+
+
+def test_alternate_flips_with_the_torchvision_loader_is_one_line(tiny_cifar, tmp_path, capsys):
+    args = tiny_train_args(tiny_cifar, tmp_path, "--flip", "alternate", "--loader", "torchvision")
+    assert train.main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--flip alternate" in err and "device loader" in err
