@@ -119,6 +119,11 @@ class TrainConfig:
     ema: float = _field(0.0, "exponential moving average of the weights: the decay per --ema-every steps (0: off); "
                         "the average is what is evaluated and saved", FRACTION)
     ema_every: int = _field(5, "optimizer steps between updates of the weight average (--ema)", POSITIVE_INT)
+    ema_bn: str = _field("recompute", "the weight average's BatchNorm statistics: recompute (measured anew for the "
+                         "averaged weights before each evaluation: swa_utils.update_bn), or copy (the trained model's)",
+                         str, choices=("recompute", "copy"))
+    ema_bn_images: int = _field(10_000, "training images the BatchNorm statistics are recomputed on (--ema-bn "
+                                "recompute)", POSITIVE_INT)
     loader: str = _field("device", "device: data held and augmented on the training device; torchvision: "
                          "the paper's PIL pipeline in DataLoader workers", str, choices=("device", "torchvision"))
     amp: bool | None = _field(None, "bf16 autocast (default: on with CUDA, and on a CPU with native bf16: AMX or "

@@ -7,15 +7,25 @@ The average is a copy of the model whose parameters follow the trained ones,
 every `--ema-every` optimizer steps, n being the updates made so far. The warm-up of d keeps the
 first averages from being dominated by the random initial weights. train.py evaluates and saves
 the copy in place of the trained model, and keeps it (with n) in last.pth for an exact resume.
+
+BatchNorm's running statistics belong to the weights they were measured with, and the averaged
+weights are not those. With `--ema-bn recompute` (the default) they are measured anew for the
+average before it is evaluated or saved: `torch.optim.swa_utils.update_bn` runs the average over
+`--ema-bn-images` training images (their epoch's augmentation, the same images whether or not the
+run was stopped and resumed). `--ema-bn copy` keeps the trained model's statistics, as earlier
+versions did (measured to cost the fast recipe 2-3 points: docs/fast-recipe.md).
 """
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterable
 
 import torch
 from torch import nn
+from torch.optim.swa_utils import update_bn
 
 from checkpoint import clean_state_dict, unwrap
+from runtime import autocast
 
 
 class WeightAverage:
@@ -48,6 +58,27 @@ class WeightAverage:
         # over the training images per evaluation.
         torch._foreach_copy_(self._avg_buffers, self._live_buffers)
         self.updates += 1
+
+    def recompute_bn(self, batches: Iterable, images: int, *, device: torch.device, amp: bool,
+                     channels_last: bool) -> None:
+        """Measure the average's BatchNorm statistics on the first `images` images of `batches`
+        ((x, y) pairs), as the trained model would see them (autocast, memory format); a cumulative
+        mean over those batches (update_bn sets momentum None), so the result does not depend on
+        BatchNorm's momentum. The next update copies the trained model's statistics back: the
+        recomputed ones serve evaluation and the saved best checkpoint only."""
+        memory_format = torch.channels_last if channels_last else torch.contiguous_format
+
+        def first_images():
+            seen = 0
+            for x, _ in batches:
+                if seen >= images:
+                    return
+                x = x[:images - seen]
+                seen += len(x)
+                yield x.to(device).contiguous(memory_format=memory_format)
+        with autocast(device, amp):
+            update_bn(first_images(), self.model)
+        self.model.eval()
 
     def state_dict(self) -> dict:
         """What last.pth keeps: the averaged state (no wrapper prefixes) and the updates made."""

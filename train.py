@@ -576,7 +576,12 @@ def end_epoch(run: Run, epoch: int, totals: list[float], train_seconds: float) -
     if evaluated:
         eval_model = run.selected_model()
         dist.broadcast_buffers(unwrap(run.model))
-        if run.ema is not None:  # its BatchNorm statistics are copied from each rank's own: rank 0's for all
+        if run.ema is not None:  # its BatchNorm statistics come from each rank's own images: rank 0's for all
+            if cfg.ema_bn == "recompute":
+                run.loader.set_epoch(epoch)  # from the epoch's first image, also in a run resumed inside it
+                run.loader.resolution = 32
+                run.ema.recompute_bn(run.loader, cfg.ema_bn_images // dist.world_size, device=run.device,
+                                     amp=cfg.amp, channels_last=cfg.channels_last)
             dist.broadcast_buffers(eval_model)
         val = evaluate(eval_model, run.sel_loader, run.device, amp=cfg.amp, channels_last=cfg.channels_last,
                        tta=cfg.tta, shift=cfg.tta_shift, reduce=dist.all_reduce_sum)

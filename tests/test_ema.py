@@ -35,7 +35,23 @@ def test_the_average_follows_the_warmed_up_decay_and_copies_the_buffers():
     assert average.model[1].num_batches_tracked.item() == 6
 
 
-def test_what_is_evaluated_and_saved_is_the_average(tiny_cifar, tmp_path, monkeypatch, capsys):
+def test_recomputed_batchnorm_statistics_are_the_means_over_the_first_images():
+    model = nn.Sequential(nn.Conv2d(3, 3, 1, bias=False), nn.BatchNorm2d(3))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.eye(3).view(3, 3, 1, 1))  # BatchNorm sees the images themselves
+    average = WeightAverage(model, decay=0.5, every=1)
+    torch.manual_seed(0)
+    batches = [(torch.randn(4, 3, 8, 8) + i, torch.zeros(4)) for i in range(3)]  # means 0, 1, 2
+    average.recompute_bn(batches, 8, device=torch.device("cpu"), amp=False, channels_last=True)
+    images = torch.cat([x for x, _ in batches[:2]])  # the first 8 images: the third batch is not seen
+    torch.testing.assert_close(average.model[1].running_mean, images.mean((0, 2, 3)), rtol=1e-5, atol=1e-5)
+    assert not average.model.training and model[1].running_mean.abs().max() == 0  # the trained model is untouched
+    average.update()  # the next update takes the trained model's statistics again
+    assert torch.equal(average.model[1].running_mean, model[1].running_mean)
+
+
+@pytest.mark.parametrize("bn", ["recompute", "copy"])
+def test_what_is_evaluated_and_saved_is_the_average(tiny_cifar, tmp_path, monkeypatch, capsys, bn):
     evaluated = []
 
     def evaluate(model, *args, **kwargs):
@@ -43,7 +59,7 @@ def test_what_is_evaluated_and_saved_is_the_average(tiny_cifar, tmp_path, monkey
         return real_evaluate(model, *args, **kwargs)
     real_evaluate = train.evaluate
     monkeypatch.setattr(train, "evaluate", evaluate)
-    args = tiny_train_args(tiny_cifar, tmp_path, "--epochs", "1", "--ema", "0.9", "--ema-every", "1")
+    args = tiny_train_args(tiny_cifar, tmp_path, "--epochs", "1", "--ema", "0.9", "--ema-every", "1", "--ema-bn", bn)
     assert train.main(args) == 0  # one epoch: it is the best one
     assert "ema 0.9 every 1 steps" in capsys.readouterr().out
     best, last = load_checkpoint(tmp_path / train.BEST_NAME), load_checkpoint(tmp_path / train.LAST_NAME)
@@ -52,7 +68,12 @@ def test_what_is_evaluated_and_saved_is_the_average(tiny_cifar, tmp_path, monkey
     assert best["model"].keys() == average.keys() == raw.keys() == evaluated[0].keys()
     assert all(torch.equal(best["model"][k], average[k]) and torch.equal(evaluated[0][k], average[k]) for k in raw)
     assert not all(torch.equal(raw[k], average[k]) for k in raw)
-    assert torch.equal(average["bn1.running_var"], raw["bn1.running_var"])  # updated after the last step
+    statistics = [k for k in raw if k.endswith(("running_mean", "running_var"))]
+    if bn == "copy":  # the trained model's, copied at the update after the last step
+        assert all(torch.equal(average[k], raw[k]) for k in statistics)
+    else:  # measured anew for the averaged weights: other numbers in every BatchNorm layer
+        assert not any(torch.equal(average[k], raw[k]) for k in statistics)
+        assert average["bn1.num_batches_tracked"].item() == 2  # 120 images in batches of 64: two batches
 
 
 def test_a_run_stopped_mid_epoch_resumes_the_average_exactly(tiny_cifar, tmp_path, monkeypatch, capsys):
