@@ -88,6 +88,9 @@ class TrainConfig:
     momentum: float = _field(0.9, "SGD momentum; AdamW's beta1 (its beta2 stays 0.999)", FRACTION)
     nesterov: bool = _field(False, "Nesterov momentum (SGD only)")
     weight_decay: float = _field(0.0, "weight decay: L2 with SGD, decoupled with AdamW", NONNEG_FLOAT)
+    bn_bias_lr_scale: float = _field(1.0, "learning rate multiplier of BatchNorm's biases (their weight decay is "
+                                     "divided by it)", POSITIVE_FLOAT)
+    bn_freeze_weight: bool = _field(False, "keep BatchNorm's weights (scales) at their initial 1")
     label_smoothing: float = _field(0.0, "label smoothing of the cross-entropy", FRACTION)
     rotation: float = _field(10.0, "random rotation range, +- degrees (0: none)", DEGREES)
     cutout: int = _field(0, "side of a square blanked at a random place of each training image, pixels (0: none; "

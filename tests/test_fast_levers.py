@@ -1,6 +1,6 @@
 """Levers of the fast recipe: progressive resizing (--min-res, --res-ramp: the schedule of
 resolutions, the batches the loaders hand out, a run that trains through it and evaluates at 32
-pixels) and alternating flips (--flip alternate)."""
+pixels), alternating flips (--flip alternate) and BatchNorm's own parameter groups."""
 import itertools
 
 import numpy as np
@@ -100,3 +100,24 @@ def test_alternate_flips_with_the_torchvision_loader_is_one_line(tiny_cifar, tmp
     assert train.main(args) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--flip alternate" in err and "device loader" in err
+
+
+def test_batchnorm_groups_scale_the_bias_rate_and_freeze_the_weights(tiny_cifar, tmp_path):
+    args = tiny_train_args(tiny_cifar, tmp_path, "--schedule", "linear", "--lr", "0.05", "--weight-decay", "5e-4",
+                           "--bn-bias-lr-scale", "8", "--bn-freeze-weight")
+    assert train.main(args) == 0
+    last = train.load_checkpoint(tmp_path / train.LAST_NAME)
+    weights = last["model"]
+    assert all(torch.equal(v, torch.ones_like(v)) for k, v in weights.items()
+               if k.endswith("weight") and ("bn" in k or "shortcut.1" in k))  # the scales never moved
+    assert not torch.equal(weights["bn1.bias"], torch.zeros_like(weights["bn1.bias"]))  # the biases trained
+    groups = last["optimizer"]["param_groups"]
+    assert [g["lr_scale"] for g in groups] == [1.0, 8.0, 0.0]
+    assert groups[1]["lr"] == pytest.approx(8 * groups[0]["lr"]) and groups[0]["lr"] > 0 and groups[2]["lr"] == 0
+    assert groups[1]["weight_decay"] == pytest.approx(5e-4 / 8) and groups[0]["weight_decay"] == 5e-4
+    n_bn = sum(1 for k in weights if k.endswith("running_mean"))
+    assert len(groups[1]["params"]) == len(groups[2]["params"]) == n_bn
+    assert len(groups[0]["params"]) + 2 * n_bn == len([k for k in weights if not k.endswith(
+        ("running_mean", "running_var", "num_batches_tracked"))])
+    plain = train.param_groups(TrainConfig(), torch.nn.Linear(2, 2))
+    assert len(plain) == 1  # without the flags: one group, as before
