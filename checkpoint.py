@@ -208,14 +208,16 @@ def _load_pickled(path: Path):
 
 
 def model_from_checkpoint(ckpt: dict, path: str | os.PathLike = "checkpoint") -> nn.Module:
-    """Rebuild the model named in the checkpoint's config and load its weights (strictly)."""
+    """Rebuild the model named in the checkpoint's config (of its channel widths: a pruned one is
+    as small as it was pruned to) and load its weights (strictly)."""
     config = ckpt.get("config", {})
     arch, num_classes = config.get("arch", "resnet9"), config.get("num_classes", 10)
     activation = config.get("activation", "relu")  # checkpoints written before --activation used ReLU
+    widths = config.get("widths", [])  # the standard ResNet9's unless pruned (prune.py); checked by _check_layout
     if not isinstance(arch, str) or not isinstance(num_classes, int) or not 0 < num_classes <= 100_000:
         raise CheckpointError(f"{path}: its config names no usable model (arch={arch!r}, num_classes={num_classes!r})")
     try:
-        model = build_model(arch, num_classes, activation)
+        model = build_model(arch, num_classes, activation, widths)
     except ValueError as e:
         raise CheckpointError(f"{path}: {e}") from None
     state = clean_state_dict(ckpt["model"])

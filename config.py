@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import NoReturn
 
 from data import AUGMENT_POLICIES
-from model import ACTIVATIONS, ARCHITECTURES
+from model import ACTIVATIONS, ARCHITECTURES, STANDARD_WIDTHS
 
 
 class UsageError(Exception):
@@ -49,10 +49,18 @@ WORKERS = _check(lambda s: -1 if s == "auto" else NONNEG_INT(s), lambda v: v >= 
 DEVICE = _check(str, lambda v: v in ("auto", "cpu", "mps", "cuda") or (v.startswith("cuda:") and v[5:].isdigit()),
                 "auto, cpu, cuda, cuda:N or mps")
 SECONDS = _check(float, lambda v: math.isfinite(v) and v > 0, "a positive number of seconds")
+WIDTHS = _check(lambda s: [int(w) for w in s.split(",")] if s.strip() else [],
+                lambda v: len(v) in (0, len(STANDARD_WIDTHS)) and all(type(w) is int and 0 < w <= 65536 for w in v),
+                f"{len(STANDARD_WIDTHS)} comma-separated channel counts (or '' for the standard ones)")
 
 
 def _field(default, help: str, type: Callable | None = None, **extra):
     return field(default=default, metadata={"help": help, "type": type, **extra})
+
+
+# A field holding a list (a list, not a tuple: it stays one through a checkpoint, JSON and the CLI).
+def _list_field(help: str, type: Callable, shown: str, **extra):
+    return field(default_factory=list, metadata={"help": help, "type": type, "shown": shown, **extra})
 
 
 @dataclass
@@ -65,6 +73,10 @@ class TrainConfig:
     activation: str = _field("relu", "the nonlinearity after each BatchNorm and residual sum (no parameters: the "
                              "count stays the same)", str, choices=tuple(ACTIVATIONS))
     num_classes: int = _field(10, "number of classes", CLASS_COUNT)
+    widths: list[int] = _list_field(  # noqa: RUF009 (a field with a default_factory)
+        "the network's channel counts, per stage: its first convolution's, then its "
+        "output's (stage 1's is the stem's too), as prune.py writes them "
+        f"({','.join(map(str, STANDARD_WIDTHS))})", WIDTHS, "the standard ones")
     epochs: int = _field(100, "passes over the training images", POSITIVE_INT)
     batch_size: int = _field(64, "images per optimizer step, summed over all processes", POSITIVE_INT)
     optimizer: str = _field("sgd", "sgd: SGD with momentum (the paper's); adamw: AdamW, with --momentum as its beta1",
@@ -170,7 +182,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         if f.metadata["type"] is None:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
         else:
-            optional_value = {k: meta[k] for k in ("nargs", "const") if k in meta}  # --tensorboard [DIR]
+            optional_value = {k: meta[k] for k in ("nargs", "const", "action") if k in meta}  # --tensorboard [DIR]
             p.add_argument(flag, type=meta["type"], choices=meta.get("choices"), help=help_text, **optional_value)
     p.add_argument("--resume", metavar="LAST_PTH", help="continue the run saved in this last.pth")
     p.add_argument("--overwrite", action="store_true",
@@ -194,9 +206,11 @@ def _acceptable(f: dataclasses.Field, value) -> bool:
     """Whether a value read back from a checkpoint has its field's type and passes its flag's check."""
     if f.default is None:  # a setting left to the platform: None or a bool
         return value is None or type(value) is bool
+    ok = getattr(f.metadata["type"], "ok", lambda v: True)
+    if f.default is dataclasses.MISSING:  # a list: checked whole, or item by item where the flag is repeated
+        return type(value) is list and (all(map(ok, value)) if f.metadata.get("action") == "append" else ok(value))
     if type(value) is not type(f.default) and not (type(f.default) is float and type(value) is int):
         return False
-    ok = getattr(f.metadata["type"], "ok", lambda v: True)
     return ok(value) and value in f.metadata.get("choices", (value,))
 
 

@@ -445,7 +445,7 @@ def build_training(cfg: TrainConfig, device: torch.device,
     elif device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN time its algorithms once
     seed_everything(cfg.seed)
-    model = build_model(cfg.arch, cfg.num_classes, cfg.activation).to(device)
+    model = build_model(cfg.arch, cfg.num_classes, cfg.activation, cfg.widths).to(device)
     if cfg.sync_bn and dist.enabled:
         model = convert_sync_batchnorm(model, device)
     if cfg.channels_last:
