@@ -437,15 +437,18 @@ def make_optimizer(cfg: TrainConfig, model: nn.Module, device: torch.device) -> 
                            weight_decay=cfg.weight_decay, fused=fused)
 
 
-def build_training(cfg: TrainConfig, device: torch.device,
-                   dist: Distributed) -> tuple[nn.Module, torch.optim.Optimizer]:
-    """The seeded model (SyncBatchNorm, channels-last as asked) and its optimizer."""
+def build_training(cfg: TrainConfig, device: torch.device, dist: Distributed,
+                   initial_weights: dict | None = None) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """The seeded model (SyncBatchNorm, channels-last as asked) and its optimizer; the model starts
+    from `initial_weights` (a state dict of the config's widths: a pruned network) when given."""
     if cfg.deterministic:
         use_deterministic_algorithms(device)
     elif device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN time its algorithms once
     seed_everything(cfg.seed)
     model = build_model(cfg.arch, cfg.num_classes, cfg.activation, cfg.widths).to(device)
+    if initial_weights is not None:
+        model.load_state_dict(initial_weights)
     if cfg.sync_bn and dist.enabled:
         model = convert_sync_batchnorm(model, device)
     if cfg.channels_last:
@@ -473,7 +476,7 @@ def check_output(cfg: TrainConfig, progress: Progress, resume: str | None, overw
 
 
 def start_run(cfg: TrainConfig, resume: str | None, resume_ckpt: dict | None, overwrite: bool, dist: Distributed,
-              device: torch.device) -> Run:
+              device: torch.device, initial_weights: dict | None = None) -> Run:
     if cfg.batch_size % dist.world_size:
         raise UsageError(f"--batch-size {cfg.batch_size} is the global batch and must divide evenly "
                          f"over {dist.world_size} processes")
@@ -483,7 +486,7 @@ def start_run(cfg: TrainConfig, resume: str | None, resume_ckpt: dict | None, ov
     amp_why = (default_amp(device)[1] if cfg.amp is None else "as the resumed run" if resume_ckpt is not None
                else "--amp" if cfg.amp else "--no-amp")
     cfg = platform_defaults(cfg, device, dist.enabled)
-    model, optimizer = build_training(cfg, device, dist)
+    model, optimizer = build_training(cfg, device, dist, None if resume_ckpt is not None else initial_weights)
     ema = WeightAverage(model, cfg.ema, cfg.ema_every) if cfg.ema else None
     progress = restore(resume_ckpt, resume, model, optimizer, ema) if resume_ckpt is not None else Progress()
     check_output(cfg, progress, resume, overwrite, ema.model if ema else model, dist)
@@ -653,11 +656,13 @@ def finish(run: Run) -> None:
 
 
 def fit(cfg: TrainConfig, *, resume: str | None = None, resume_ckpt: dict | None = None, overwrite: bool = False,
-        dist: Distributed | None = None, device: torch.device, after_epoch: Callable[[Run], None] | None = None) -> int:
+        dist: Distributed | None = None, device: torch.device, after_epoch: Callable[[Run], None] | None = None,
+        initial_weights: dict | None = None) -> int:
     """Train to cfg.epochs; returns the exit code (128 + signal when a signal stopped the run).
     `after_epoch(run)` is called after each epoch's checkpoints are written (tune.py reports the
-    epoch's selection accuracy there, and stops a trial that falls behind by raising)."""
-    run = start_run(cfg, resume, resume_ckpt, overwrite, dist or Distributed(), device)
+    epoch's selection accuracy there, and stops a trial that falls behind by raising). A new run
+    starts from `initial_weights` when given (prune.py fine-tunes a pruned network so)."""
+    run = start_run(cfg, resume, resume_ckpt, overwrite, dist or Distributed(), device, initial_weights)
     with StopFlag() as stop, contextlib.closing(run.tb):
         while run.progress.epoch < run.cfg.epochs:
             epoch = run.progress.epoch + 1
