@@ -105,6 +105,18 @@ def check_digest(obj: dict, path: Path) -> None:
                               "(bits changed on disk or in transfer); the file is damaged, use another copy")
 
 
+def file_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 of a file's bytes (what names a teacher or a pruned checkpoint's parent)."""
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read it ({e.strerror or e})") from None
+    return h.hexdigest()
+
+
 def save_checkpoint(obj: dict, path: str | os.PathLike) -> None:
     """Write `obj` and the SHA-256 of its tensors to `path` atomically: a temp file in the same folder,
     fsync, then os.replace."""
