@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import NoReturn
@@ -49,6 +50,9 @@ WORKERS = _check(lambda s: -1 if s == "auto" else NONNEG_INT(s), lambda v: v >= 
 DEVICE = _check(str, lambda v: v in ("auto", "cpu", "mps", "cuda") or (v.startswith("cuda:") and v[5:].isdigit()),
                 "auto, cpu, cuda, cuda:N or mps")
 SECONDS = _check(float, lambda v: math.isfinite(v) and v > 0, "a positive number of seconds")
+UNIT = _check(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
+FILE = _check(str, lambda v: bool(v), "a file path")
+SHA256 = _check(str.lower, lambda v: re.fullmatch(r"[0-9a-f]{64}", v) is not None, "a SHA-256 (64 hex digits)")
 WIDTHS = _check(lambda s: [int(w) for w in s.split(",")] if s.strip() else [],
                 lambda v: len(v) in (0, len(STANDARD_WIDTHS)) and all(type(w) is int and 0 < w <= 65536 for w in v),
                 f"{len(STANDARD_WIDTHS)} comma-separated channel counts (or '' for the standard ones)")
@@ -89,6 +93,15 @@ class TrainConfig:
     nesterov: bool = _field(False, "Nesterov momentum (SGD only)")
     weight_decay: float = _field(0.0, "weight decay: L2 with SGD, decoupled with AdamW", NONNEG_FLOAT)
     label_smoothing: float = _field(0.0, "label smoothing of the cross-entropy", FRACTION)
+    teacher: list[str] = _list_field(  # noqa: RUF009 (a field with a default_factory)
+        "a checkpoint to distil from: the student learns its logits too (distill.py); repeat the flag for several "
+        "teachers, whose logits are averaged", FILE, "none", action="append")
+    teacher_sha256: list[str] = _list_field(  # noqa: RUF009 (a field with a default_factory)
+        "the SHA-256 of each --teacher file, in order: computed at the start where not given, recorded in the "
+        "config and checked on --resume", SHA256, "computed", action="append")
+    kd_weight: float = _field(0.5, "A: with --teacher the loss is (1 - A)·CE + A·T²·KL(teacher ‖ student)", UNIT)
+    kd_temperature: float = _field(4.0, "T: the softmax temperature of the teacher and the student in the "
+                                   "distillation term", POSITIVE_FLOAT)
     rotation: float = _field(10.0, "random rotation range, +- degrees (0: none)", DEGREES)
     cutout: int = _field(0, "side of a square blanked at a random place of each training image, pixels (0: none; "
                          "device loader)", PIXELS)

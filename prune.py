@@ -60,6 +60,7 @@ from config import (
     parse_args,
 )
 from data import DataError
+from distill import KD_FLAGS
 from model import ResNet, resnet9, widths_of
 from runtime import pick_device
 
@@ -154,11 +155,11 @@ def prune_to(model: ResNet, widths: list[int], importance: str) -> None:
 
 
 def finetune_config(parent: dict, given: dict) -> TrainConfig:
-    """The fine-tune's recipe: the parent checkpoint's (but where it ran and its teachers), a
+    """The fine-tune's recipe: the parent checkpoint's (but where it ran, and its distillation), a
     --recipe's values when one is given, then the train.py flags given."""
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     inherited = {k: v for k, v in parent.items()
-                 if k in known and k not in RUN_ENVIRONMENT | {"widths", "teacher", "teacher_sha256"}}
+                 if k in known and k not in RUN_ENVIRONMENT | {"widths", "teacher", "teacher_sha256", *KD_FLAGS}}
     recipe = RECIPES[given["recipe"]] if "recipe" in given else {}
     return TrainConfig(**{**inherited, **recipe, **given})
 

@@ -53,6 +53,7 @@ from data import (
     make_eval_loader,
     split_train_val,
 )
+from distill import load_teachers, training_loss
 from ema import WeightAverage
 from evaluate import SELECTION_KEYS, evaluate, predict
 from model import build_model
@@ -310,6 +311,8 @@ def cuda_graph_problem(cfg: TrainConfig, device: torch.device, distributed: bool
         return "the graph records the learning rate, so it needs --schedule constant"
     if distributed:
         return "it runs in a single process, not under torchrun"
+    if cfg.teacher:
+        return "a teacher's forward inside the recorded step is not yet checked on a GPU (--teacher)"
     if cfg.ema:
         # Not yet shown on a GPU to give the eager run's average (one comparison disagreed on a
         # BatchNorm statistic): until it is, the weight average trains eagerly.
@@ -486,6 +489,7 @@ def start_run(cfg: TrainConfig, resume: str | None, resume_ckpt: dict | None, ov
     amp_why = (default_amp(device)[1] if cfg.amp is None else "as the resumed run" if resume_ckpt is not None
                else "--amp" if cfg.amp else "--no-amp")
     cfg = platform_defaults(cfg, device, dist.enabled)
+    cfg, teachers = load_teachers(cfg, device)  # before the student is seeded; their SHA-256 recorded or checked
     model, optimizer = build_training(cfg, device, dist, None if resume_ckpt is not None else initial_weights)
     ema = WeightAverage(model, cfg.ema, cfg.ema_every) if cfg.ema else None
     progress = restore(resume_ckpt, resume, model, optimizer, ema) if resume_ckpt is not None else Progress()
@@ -499,14 +503,17 @@ def start_run(cfg: TrainConfig, resume: str | None, resume_ckpt: dict | None, ov
         model = compile_model(model, device)
     if dist.enabled:
         model = wrap_ddp(model, device)
-    train_step = make_step(model, optimizer, functools.partial(F.cross_entropy, label_smoothing=cfg.label_smoothing),
-                           device=device, amp=cfg.amp, channels_last=cfg.channels_last, cuda_graph=cfg.cuda_graph,
-                           batch_size=loader.batch_size)
+    cross_entropy = functools.partial(F.cross_entropy, label_smoothing=cfg.label_smoothing)
+    train_step = make_step(model, optimizer, training_loss(cross_entropy, teachers, cfg), device=device, amp=cfg.amp,
+                           channels_last=cfg.channels_last, cuda_graph=cfg.cuda_graph, batch_size=loader.batch_size)
     run = Run(cfg, Path(cfg.out), device, dist, model, optimizer, train_step, loader, sel_loader, sel_name, progress,
               best_weights, tb, ema)
     ema_note = f"; ema {cfg.ema:g} every {cfg.ema_every} steps" if ema else ""
+    kd_note = (f"; distilling from {len(teachers)} teacher(s) at --kd-weight {cfg.kd_weight:g} --kd-temperature "
+               f"{cfg.kd_temperature:g}" if teachers else "")
     run.say(f"{summary}; device {device}, {dist.world_size} process(es); amp {cfg.amp} ({amp_why}), channels_last "
-            f"{cfg.channels_last}, compile {cfg.compile}, cuda_graph {cfg.cuda_graph}{ema_note}; run {progress.run_id}"
+            f"{cfg.channels_last}, compile {cfg.compile}, cuda_graph {cfg.cuda_graph}{ema_note}{kd_note}; "
+            f"run {progress.run_id}"
             f"{f', resumed after epoch {progress.epoch} step {progress.step}' if resume_ckpt else ''}")
     if tb.writer is not None:
         tb.augmented_images(examples(), progress.epoch)
