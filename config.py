@@ -79,8 +79,8 @@ class TrainConfig:
     num_classes: int = _field(10, "number of classes", CLASS_COUNT)
     widths: list[int] = _list_field(  # noqa: RUF009 (a field with a default_factory)
         "the network's channel counts, per stage: its first convolution's, then its "
-        "output's (stage 1's is the stem's too), as prune.py writes them "
-        f"({','.join(map(str, STANDARD_WIDTHS))})", WIDTHS, "the standard ones")
+        "output's (stage 1's is the stem's too), as prune.py writes them; the paper's are "
+        f"{','.join(map(str, STANDARD_WIDTHS))}", WIDTHS, "the paper's")
     epochs: int = _field(100, "passes over the training images", POSITIVE_INT)
     batch_size: int = _field(64, "images per optimizer step, summed over all processes", POSITIVE_INT)
     optimizer: str = _field("sgd", "sgd: SGD with momentum (the paper's); adamw: AdamW, with --momentum as its beta1",

@@ -152,6 +152,10 @@ def test_a_pruned_checkpoint_is_plain_data_that_every_reader_takes(pruned_file, 
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert not hub.training and torch.equal(hub(x), model(x))
+    weights = tmp_path / "pruned.safetensors"  # its config travels as JSON: the widths come back as a list
+    assert export.main([str(pruned_file), "--format", "safetensors", "--out", str(weights)]) == 0
+    with torch.no_grad():
+        assert torch.equal(hubconf.resnet9(pretrained=True, weights=str(weights))(x), model(x))
 
 
 def test_a_pruned_checkpoint_exports_to_onnx_that_onnxruntime_agrees_with(pruned_file, tiny_cifar, tmp_path):
