@@ -46,7 +46,7 @@ from data import (
     read_meta,
     to_device_images,
 )
-from model import count_parameters, widths_of
+from model import STANDARD_WIDTHS, count_parameters
 from runtime import autocast, default_amp, pick_device
 
 IMAGE_SIZE = 32  # pixels; the network's input side
@@ -414,7 +414,8 @@ def run(args: argparse.Namespace) -> int:
     images, labels = load_test_set(args.data_dir, args.limit)
     report = {"checkpoint": str(args.checkpoint), "epoch": ckpt.get("epoch"), "device": str(device), "amp": args.amp,
               "torch": str(torch.__version__), "limit": args.limit, "parameters": count_parameters(model),
-              "widths": widths_of(model), "pruning": ckpt.get("pruning")}
+              "widths": list((ckpt.get("config") or {}).get("widths") or STANDARD_WIDTHS),  # as the model was built
+              "pruning": ckpt.get("pruning")}
     pruned = report["pruning"] if isinstance(report["pruning"], dict) else {}
     macs = f", {pruned['macs'] / 1e6:.1f} M MACs per image (prune.py)" if isinstance(pruned.get("macs"), int) else ""
     widths = ",".join(map(str, report["widths"]))
