@@ -171,8 +171,7 @@ def epochs_of_step(total: int, steps: int, k: int) -> int:
 
 def check_args(args: argparse.Namespace, given: dict, train_args: argparse.Namespace) -> None:
     if "WORLD_SIZE" in os.environ:
-        raise UsageError("prune.py runs in one process: prune with --finetune-epochs 0, then fine-tune with "
-                         "train.py under torchrun")
+        raise UsageError("prune.py runs in one process, its fine-tunes too: run it without torchrun")
     if hasattr(train_args, "resume"):
         raise UsageError("--resume is train.py's: a stopped fine-tune continues with python train.py --resume "
                          "FINETUNE_DIR/step-K/last.pth")
