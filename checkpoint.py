@@ -105,6 +105,18 @@ def check_digest(obj: dict, path: Path) -> None:
                               "(bits changed on disk or in transfer); the file is damaged, use another copy")
 
 
+def file_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 of a file's bytes (what names a teacher or a pruned checkpoint's parent)."""
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read it ({e.strerror or e})") from None
+    return h.hexdigest()
+
+
 def save_checkpoint(obj: dict, path: str | os.PathLike) -> None:
     """Write `obj` and the SHA-256 of its tensors to `path` atomically: a temp file in the same folder,
     fsync, then os.replace."""
@@ -208,14 +220,16 @@ def _load_pickled(path: Path):
 
 
 def model_from_checkpoint(ckpt: dict, path: str | os.PathLike = "checkpoint") -> nn.Module:
-    """Rebuild the model named in the checkpoint's config and load its weights (strictly)."""
+    """Rebuild the model named in the checkpoint's config (of its channel widths: a pruned one is
+    as small as it was pruned to) and load its weights (strictly)."""
     config = ckpt.get("config", {})
     arch, num_classes = config.get("arch", "resnet9"), config.get("num_classes", 10)
     activation = config.get("activation", "relu")  # checkpoints written before --activation used ReLU
+    widths = config.get("widths", [])  # the standard ResNet9's unless pruned (prune.py); checked by _check_layout
     if not isinstance(arch, str) or not isinstance(num_classes, int) or not 0 < num_classes <= 100_000:
         raise CheckpointError(f"{path}: its config names no usable model (arch={arch!r}, num_classes={num_classes!r})")
     try:
-        model = build_model(arch, num_classes, activation)
+        model = build_model(arch, num_classes, activation, widths)
     except ValueError as e:
         raise CheckpointError(f"{path}: {e}") from None
     state = clean_state_dict(ckpt["model"])

@@ -8,12 +8,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import NoReturn
 
 from data import AUGMENT_POLICIES, FLIPS
-from model import ACTIVATIONS, ARCHITECTURES
+from model import ACTIVATIONS, ARCHITECTURES, STANDARD_WIDTHS
 
 
 class UsageError(Exception):
@@ -61,10 +62,21 @@ def _ramp_ok(text: str) -> bool:
 
 
 RAMP = _check(str, _ramp_ok, "two fractions START,END of the run with 0 <= START <= END <= 1")
+UNIT = _check(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
+FILE = _check(str, lambda v: bool(v), "a file path")
+SHA256 = _check(str.lower, lambda v: re.fullmatch(r"[0-9a-f]{64}", v) is not None, "a SHA-256 (64 hex digits)")
+WIDTHS = _check(lambda s: [int(w) for w in s.split(",")] if s.strip() else [],
+                lambda v: len(v) in (0, len(STANDARD_WIDTHS)) and all(type(w) is int and 0 < w <= 65536 for w in v),
+                f"{len(STANDARD_WIDTHS)} comma-separated channel counts (or '' for the standard ones)")
 
 
 def _field(default, help: str, type: Callable | None = None, **extra):
     return field(default=default, metadata={"help": help, "type": type, **extra})
+
+
+# A field holding a list (a list, not a tuple: it stays one through a checkpoint, JSON and the CLI).
+def _list_field(help: str, type: Callable, shown: str, **extra):
+    return field(default_factory=list, metadata={"help": help, "type": type, "shown": shown, **extra})
 
 
 @dataclass
@@ -77,6 +89,10 @@ class TrainConfig:
     activation: str = _field("relu", "the nonlinearity after each BatchNorm and residual sum (no parameters: the "
                              "count stays the same)", str, choices=tuple(ACTIVATIONS))
     num_classes: int = _field(10, "number of classes", CLASS_COUNT)
+    widths: list[int] = _list_field(  # noqa: RUF009 (a field with a default_factory)
+        "the network's channel counts, per stage: its first convolution's, then its "
+        "output's (stage 1's is the stem's too), as prune.py writes them; the paper's are "
+        f"{','.join(map(str, STANDARD_WIDTHS))}", WIDTHS, "the paper's")
     epochs: int = _field(100, "passes over the training images", POSITIVE_INT)
     batch_size: int = _field(64, "images per optimizer step, summed over all processes", POSITIVE_INT)
     optimizer: str = _field("sgd", "sgd: SGD with momentum (the paper's); adamw: AdamW, with --momentum as its beta1",
@@ -92,6 +108,15 @@ class TrainConfig:
                                      "divided by it)", POSITIVE_FLOAT)
     bn_freeze_weight: bool = _field(False, "keep BatchNorm's weights (scales) at their initial 1")
     label_smoothing: float = _field(0.0, "label smoothing of the cross-entropy", FRACTION)
+    teacher: list[str] = _list_field(  # noqa: RUF009 (a field with a default_factory)
+        "a checkpoint to distil from: the student learns its logits too (distill.py); repeat the flag for several "
+        "teachers, whose logits are averaged", FILE, "none", action="append")
+    teacher_sha256: list[str] = _list_field(  # noqa: RUF009 (a field with a default_factory)
+        "the SHA-256 of each --teacher file, in order: computed at the start where not given, recorded in the "
+        "config and checked on --resume", SHA256, "computed", action="append")
+    kd_weight: float = _field(0.5, "A: with --teacher the loss is (1 - A)·CE + A·T²·KL(teacher ‖ student)", UNIT)
+    kd_temperature: float = _field(4.0, "T: the softmax temperature of the teacher and the student in the "
+                                   "distillation term", POSITIVE_FLOAT)
     rotation: float = _field(10.0, "random rotation range, +- degrees (0: none)", DEGREES)
     cutout: int = _field(0, "side of a square blanked at a random place of each training image, pixels (0: none; "
                          "device loader)", PIXELS)
@@ -198,7 +223,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         if f.metadata["type"] is None:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
         else:
-            optional_value = {k: meta[k] for k in ("nargs", "const") if k in meta}  # --tensorboard [DIR]
+            optional_value = {k: meta[k] for k in ("nargs", "const", "action") if k in meta}  # --tensorboard [DIR]
             p.add_argument(flag, type=meta["type"], choices=meta.get("choices"), help=help_text, **optional_value)
     p.add_argument("--resume", metavar="LAST_PTH", help="continue the run saved in this last.pth")
     p.add_argument("--overwrite", action="store_true",
@@ -222,9 +247,11 @@ def _acceptable(f: dataclasses.Field, value) -> bool:
     """Whether a value read back from a checkpoint has its field's type and passes its flag's check."""
     if f.default is None:  # a setting left to the platform: None or a bool
         return value is None or type(value) is bool
+    ok = getattr(f.metadata["type"], "ok", lambda v: True)
+    if f.default is dataclasses.MISSING:  # a list: checked whole, or item by item where the flag is repeated
+        return type(value) is list and (all(map(ok, value)) if f.metadata.get("action") == "append" else ok(value))
     if type(value) is not type(f.default) and not (type(f.default) is float and type(value) is int):
         return False
-    ok = getattr(f.metadata["type"], "ok", lambda v: True)
     return ok(value) and value in f.metadata.get("choices", (value,))
 
 

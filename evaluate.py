@@ -46,6 +46,7 @@ from data import (
     read_meta,
     to_device_images,
 )
+from model import STANDARD_WIDTHS, count_parameters
 from runtime import autocast, default_amp, pick_device
 
 IMAGE_SIZE = 32  # pixels; the network's input side
@@ -412,7 +413,13 @@ def run(args: argparse.Namespace) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     images, labels = load_test_set(args.data_dir, args.limit)
     report = {"checkpoint": str(args.checkpoint), "epoch": ckpt.get("epoch"), "device": str(device), "amp": args.amp,
-              "torch": str(torch.__version__), "limit": args.limit}
+              "torch": str(torch.__version__), "limit": args.limit, "parameters": count_parameters(model),
+              "widths": list((ckpt.get("config") or {}).get("widths") or STANDARD_WIDTHS),  # as the model was built
+              "pruning": ckpt.get("pruning")}
+    pruned = report["pruning"] if isinstance(report["pruning"], dict) else {}
+    macs = f", {pruned['macs'] / 1e6:.1f} M MACs per image (prune.py)" if isinstance(pruned.get("macs"), int) else ""
+    widths = ",".join(map(str, report["widths"]))
+    print(f"{args.checkpoint}: {report['parameters']:,} parameters{macs}, widths {widths}")
     report.update(evaluate_test_set(model, images, labels, device, args))
     written = save_figures(report, ckpt, images, out_dir)
     report["figures"] = [str(p) for p in written]

@@ -29,19 +29,22 @@ from runtime import autocast
 
 
 class EagerStep:
-    """forward, loss, backward and optimizer step on one batch; returns the detached loss and logits."""
+    """forward, loss, backward and optimizer step on one batch; returns the detached loss and logits.
+    The loss is `loss_fn(logits, y)`, or `loss_fn(logits, y, x)` with the batch as the model saw it
+    when the loss says it `takes_inputs` (distill.DistillationLoss: the teachers see the batch too)."""
 
     graphed = False
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Callable, *,
                  device: torch.device, amp: bool, channels_last: bool) -> None:
         self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
+        self.takes_inputs = getattr(loss_fn, "takes_inputs", False)
         self.device, self.amp, self.channels_last = device, amp, channels_last
 
     def _compute(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with autocast(self.device, self.amp):
             logits = self.model(x)
-            loss = self.loss_fn(logits, y)
+            loss = self.loss_fn(logits, y, x) if self.takes_inputs else self.loss_fn(logits, y)
         loss.backward()
         self.optimizer.step()
         return loss.detach(), logits.detach()

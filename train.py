@@ -53,6 +53,7 @@ from data import (
     make_eval_loader,
     split_train_val,
 )
+from distill import load_teachers, training_loss
 from ema import WeightAverage
 from evaluate import SELECTION_KEYS, evaluate, predict
 from model import build_model
@@ -312,6 +313,8 @@ def cuda_graph_problem(cfg: TrainConfig, device: torch.device, distributed: bool
         return "it runs in a single process, not under torchrun"
     if cfg.min_res < 32:
         return "progressive resizing (--min-res) changes the shape of the batches"
+    if cfg.teacher:
+        return "a teacher's forward inside the recorded step is not yet checked on a GPU (--teacher)"
     if cfg.ema:
         # Not yet shown on a GPU to give the eager run's average (one comparison disagreed on a
         # BatchNorm statistic): until it is, the weight average trains eagerly.
@@ -457,15 +460,18 @@ def make_optimizer(cfg: TrainConfig, model: nn.Module, device: torch.device) -> 
                            weight_decay=cfg.weight_decay, fused=fused)
 
 
-def build_training(cfg: TrainConfig, device: torch.device,
-                   dist: Distributed) -> tuple[nn.Module, torch.optim.Optimizer]:
-    """The seeded model (SyncBatchNorm, channels-last as asked) and its optimizer."""
+def build_training(cfg: TrainConfig, device: torch.device, dist: Distributed,
+                   initial_weights: dict | None = None) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """The seeded model (SyncBatchNorm, channels-last as asked) and its optimizer; the model starts
+    from `initial_weights` (a state dict of the config's widths: a pruned network) when given."""
     if cfg.deterministic:
         use_deterministic_algorithms(device)
     elif device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN time its algorithms once
     seed_everything(cfg.seed)
-    model = build_model(cfg.arch, cfg.num_classes, cfg.activation).to(device)
+    model = build_model(cfg.arch, cfg.num_classes, cfg.activation, cfg.widths).to(device)
+    if initial_weights is not None:
+        model.load_state_dict(initial_weights)
     if cfg.sync_bn and dist.enabled:
         model = convert_sync_batchnorm(model, device)
     if cfg.channels_last:
@@ -493,7 +499,7 @@ def check_output(cfg: TrainConfig, progress: Progress, resume: str | None, overw
 
 
 def start_run(cfg: TrainConfig, resume: str | None, resume_ckpt: dict | None, overwrite: bool, dist: Distributed,
-              device: torch.device) -> Run:
+              device: torch.device, initial_weights: dict | None = None) -> Run:
     if cfg.batch_size % dist.world_size:
         raise UsageError(f"--batch-size {cfg.batch_size} is the global batch and must divide evenly "
                          f"over {dist.world_size} processes")
@@ -503,7 +509,8 @@ def start_run(cfg: TrainConfig, resume: str | None, resume_ckpt: dict | None, ov
     amp_why = (default_amp(device)[1] if cfg.amp is None else "as the resumed run" if resume_ckpt is not None
                else "--amp" if cfg.amp else "--no-amp")
     cfg = platform_defaults(cfg, device, dist.enabled)
-    model, optimizer = build_training(cfg, device, dist)
+    cfg, teachers = load_teachers(cfg, device)  # before the student is seeded; their SHA-256 recorded or checked
+    model, optimizer = build_training(cfg, device, dist, None if resume_ckpt is not None else initial_weights)
     ema = WeightAverage(model, cfg.ema, cfg.ema_every) if cfg.ema else None
     progress = restore(resume_ckpt, resume, model, optimizer, ema) if resume_ckpt is not None else Progress()
     check_output(cfg, progress, resume, overwrite, ema.model if ema else model, dist)
@@ -516,14 +523,17 @@ def start_run(cfg: TrainConfig, resume: str | None, resume_ckpt: dict | None, ov
         model = compile_model(model, device)
     if dist.enabled:
         model = wrap_ddp(model, device)
-    train_step = make_step(model, optimizer, functools.partial(F.cross_entropy, label_smoothing=cfg.label_smoothing),
-                           device=device, amp=cfg.amp, channels_last=cfg.channels_last, cuda_graph=cfg.cuda_graph,
-                           batch_size=loader.batch_size)
+    cross_entropy = functools.partial(F.cross_entropy, label_smoothing=cfg.label_smoothing)
+    train_step = make_step(model, optimizer, training_loss(cross_entropy, teachers, cfg), device=device, amp=cfg.amp,
+                           channels_last=cfg.channels_last, cuda_graph=cfg.cuda_graph, batch_size=loader.batch_size)
     run = Run(cfg, Path(cfg.out), device, dist, model, optimizer, train_step, loader, sel_loader, sel_name, progress,
               best_weights, tb, ema)
     ema_note = f"; ema {cfg.ema:g} every {cfg.ema_every} steps" if ema else ""
+    kd_note = (f"; distilling from {len(teachers)} teacher(s) at --kd-weight {cfg.kd_weight:g} --kd-temperature "
+               f"{cfg.kd_temperature:g}" if teachers else "")
     run.say(f"{summary}; device {device}, {dist.world_size} process(es); amp {cfg.amp} ({amp_why}), channels_last "
-            f"{cfg.channels_last}, compile {cfg.compile}, cuda_graph {cfg.cuda_graph}{ema_note}; run {progress.run_id}"
+            f"{cfg.channels_last}, compile {cfg.compile}, cuda_graph {cfg.cuda_graph}{ema_note}{kd_note}; "
+            f"run {progress.run_id}"
             f"{f', resumed after epoch {progress.epoch} step {progress.step}' if resume_ckpt else ''}")
     if tb.writer is not None:
         tb.augmented_images(examples(), progress.epoch)
@@ -682,11 +692,13 @@ def finish(run: Run) -> None:
 
 
 def fit(cfg: TrainConfig, *, resume: str | None = None, resume_ckpt: dict | None = None, overwrite: bool = False,
-        dist: Distributed | None = None, device: torch.device, after_epoch: Callable[[Run], None] | None = None) -> int:
+        dist: Distributed | None = None, device: torch.device, after_epoch: Callable[[Run], None] | None = None,
+        initial_weights: dict | None = None) -> int:
     """Train to cfg.epochs; returns the exit code (128 + signal when a signal stopped the run).
     `after_epoch(run)` is called after each epoch's checkpoints are written (tune.py reports the
-    epoch's selection accuracy there, and stops a trial that falls behind by raising)."""
-    run = start_run(cfg, resume, resume_ckpt, overwrite, dist or Distributed(), device)
+    epoch's selection accuracy there, and stops a trial that falls behind by raising). A new run
+    starts from `initial_weights` when given (prune.py fine-tunes a pruned network so)."""
+    run = start_run(cfg, resume, resume_ckpt, overwrite, dist or Distributed(), device, initial_weights)
     with StopFlag() as stop, contextlib.closing(run.tb):
         while run.progress.epoch < run.cfg.epochs:
             epoch = run.progress.epoch + 1

@@ -8,7 +8,17 @@ import torch
 
 import runtime
 import train
-from config import RECIPES, TrainConfig, UsageError, fresh_config, get_args_parser, lr_at, resumed_config
+from config import (
+    RECIPES,
+    TrainConfig,
+    UsageError,
+    config_problems,
+    fresh_config,
+    get_args_parser,
+    lr_at,
+    parse_args,
+    resumed_config,
+)
 from conftest import tiny_train_args
 from model import resnet9
 
@@ -114,3 +124,21 @@ def test_paper_optimizer_is_sgd():
     assert type(optimizer) is torch.optim.SGD
     group = optimizer.param_groups[0]
     assert (group["lr"], group["momentum"], group["nesterov"], group["weight_decay"]) == (0.01, 0.9, False, 0.0)
+
+
+def test_widths_flag_is_a_list_checked_on_the_command_line_and_in_a_saved_config(capsys):
+    given, _ = parse_args(["--widths", "8,16,24,32,40,48,56,64"])
+    assert given["widths"] == [8, 16, 24, 32, 40, 48, 56, 64]
+    assert fresh_config({}).widths == [] and fresh_config(given).widths == given["widths"]
+    for bad in ("8,16", "8,x,24,32,40,48,56,64", "0,16,24,32,40,48,56,64"):
+        with pytest.raises(SystemExit) as stop:
+            parse_args(["--widths", bad])
+        assert stop.value.code == 2
+        assert capsys.readouterr().err.count("\n") == 1
+    saved = dataclasses.asdict(TrainConfig(widths=[8, 16, 24, 32, 40, 48, 56, 64]))
+    assert config_problems(saved) == []
+    assert config_problems({**saved, "widths": [8, 16]}) == ["widths=[8, 16]"]
+    assert config_problems({**saved, "widths": (8, 16, 24, 32, 40, 48, 56, 64)}) != []  # a tuple: not what we write
+    with pytest.raises(UsageError, match="a resumed run keeps its recipe"):
+        resumed_config({"widths": [9] * 8}, saved, "last.pth")
+    assert resumed_config({"widths": saved["widths"]}, saved, "last.pth").widths == saved["widths"]

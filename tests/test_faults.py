@@ -687,7 +687,7 @@ def test_evaluate_peak_memory_does_not_grow_with_the_number_of_images(tmp_path):
         # glibc moves its mmap threshold as blocks are freed, which makes peaks of identical runs differ
         # by 100 MB; a fixed one (M_MMAP_THRESHOLD) hands big blocks back, so the peak follows live memory
         assert _glibc_mallopt()(-3, 64 * 1024) == 1
-        checkpoint.build_model = lambda arch, num_classes: _TinyNet(num_classes)
+        checkpoint.build_model = lambda arch, num_classes, *rest: _TinyNet(num_classes)  # any activation, widths
         for name in dir(plots):  # the figures show fixed-size summaries: their memory does not grow
             if name.startswith("save_"):
                 setattr(plots, name, lambda *args, **kwargs: Path(os.devnull))

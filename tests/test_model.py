@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from model import BasicBlock, ResNet, build_model, count_parameters, resnet9
+from model import STANDARD_WIDTHS, BasicBlock, ResNet, build_model, count_parameters, resnet9, widths_of
 
 
 def test_parameter_count_is_the_papers():
@@ -62,3 +62,18 @@ def test_model_file_does_no_io():
     modules = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
     assert not names & {"print", "open", "input"}
     assert not (imports | modules) & {"argparse", "os", "sys", "pathlib"}
+
+
+def test_widths_build_the_network_of_those_channel_counts():
+    assert widths_of(resnet9()) == list(STANDARD_WIDTHS)
+    assert count_parameters(resnet9(widths=STANDARD_WIDTHS)) == 4_903_242
+    widths = [8, 16, 24, 32, 40, 48, 56, 64]
+    model = resnet9(num_classes=12, widths=widths).eval()
+    assert widths_of(model) == widths
+    assert len(model.layer1[0].shortcut) == 0  # stage 1 keeps its identity shortcut: the stem has its width
+    assert model.conv1.out_channels == 16 and model.layer2[0].conv1.out_channels == 24
+    assert model.layer2[0].shortcut[0].out_channels == 32 and model.linear.in_features == 64
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 12)
+    for bad in ([64] * 7, [64, 0, 128, 128, 256, 256, 512, 512], [64.0] * 8):
+        with pytest.raises(ValueError, match="widths must be 8 positive channel counts"):
+            resnet9(widths=bad)

@@ -105,7 +105,7 @@ def test_ctrl_c_mid_epoch_saves_and_resume_is_exact(tiny_cifar, tmp_path, monkey
 
 
 def test_val_size_zero_selects_on_test_as_the_paper(tiny_cifar, tmp_path, capsys):
-    args = tiny_train_args(tiny_cifar, tmp_path, "--epochs", "1", "--val-size", "0")
+    args = tiny_train_args(tiny_cifar, tmp_path, "--val-size", "0")  # 2 epochs: 1 would test once, selecting nothing
     assert train.main(args) == 0
     text = capsys.readouterr().out
     assert "selecting on 50 test images (the paper protocol: optimistic)" in text
@@ -247,3 +247,20 @@ def test_eval_every_is_part_of_the_recipe():
     assert fresh_config({"recipe": "fast"}).eval_every == RECIPES["fast"]["eval_every"] > 1
     with pytest.raises(SystemExit):
         get_args_parser().parse_args(["--eval-every", "0"])
+
+
+def test_fit_starts_a_new_run_from_the_weights_given_and_a_config_of_other_widths(tiny_cifar, tmp_path, capsys):
+    """The hook prune.py fine-tunes with: the model is built of the config's widths and starts from the weights."""
+    widths = [16, 16, 24, 24, 32, 32, 40, 40]
+    torch.manual_seed(3)
+    start = resnet9(widths=widths).state_dict()
+    cfg = TrainConfig(widths=widths, epochs=1, lr=1e-12, val_size=20, workers=0, device="cpu", amp=False,
+                      data_dir=str(tiny_cifar), out=str(tmp_path))
+    assert train.fit(cfg, device=torch.device("cpu"), initial_weights=start) == 0
+    trained = load_checkpoint(tmp_path / train.LAST_NAME)["model"]
+    convs = [k for k in start if k.endswith(("conv1.weight", "conv2.weight"))]
+    assert all(torch.allclose(trained[k], start[k], atol=1e-9) for k in convs)  # lr 1e-12: still the given weights
+    torch.manual_seed(cfg.seed)
+    seeded = resnet9(widths=widths)  # what the run would have started from without them
+    assert not torch.allclose(trained["conv1.weight"], seeded.state_dict()["conv1.weight"])
+    assert model_from_checkpoint(load_checkpoint(tmp_path / train.BEST_NAME)).conv1.out_channels == 16
