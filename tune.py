@@ -500,8 +500,11 @@ def main(argv: list[str] | None = None) -> int:
         url = args.storage or f"sqlite:///{(out / 'optuna.db').resolve()}"
         storage = open_storage(url)
         recipe = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in PLACE and k not in SEARCHED}
-        study = open_study(storage, args.study, trial_seeded_tpe(args.sampler_seed),
-                           make_pruner(args.pruner, cfg.epochs), recipe)
+        try:
+            study = open_study(storage, args.study, trial_seeded_tpe(args.sampler_seed),
+                               make_pruner(args.pruner, cfg.epochs), recipe)
+        except Exception as e:  # a database on a full or read-only disk: refused before any trial, in one line
+            raise UsageError(str(_failed_write(e, url))) from None
     except (UsageError, ValueError) as e:
         remove_empty(made)
         print(f"error: {e}", file=sys.stderr)

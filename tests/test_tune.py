@@ -5,6 +5,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -177,6 +178,34 @@ def test_a_read_only_study_folder_is_one_line_and_keeps_its_table(tiny_cifar, tm
     assert stderr.startswith(f"error: cannot write the table {table}: its file system is read-only; the study keeps "
                              "every trial that finished before; pick a writable folder")
     assert table.read_bytes() == before
+
+
+def test_a_study_database_that_cannot_be_written_is_one_line(tiny_cifar, tmp_path, tmpfs, monkeypatch):
+    """The SQLite study on its own small disk: the disk fills while the first trial trains (its first
+    report to the study fails: the search stops, exit code 1); then a copy of the study on a read-only
+    disk (it cannot take a trial: refused at the start, exit code 2)."""
+    where = tmpfs("16m")
+    flags = [*tiny_flags(tiny_cifar, tmp_path, "--epochs", "1"), "--storage", f"sqlite:///{where / 'study.db'}"]
+    real_fit = train.fit
+
+    def fill_then_fit(cfg, **kwargs):
+        from test_write_faults import _fill
+        _fill(where)
+        return real_fit(cfg, **kwargs)
+    monkeypatch.setattr(train, "fit", fill_then_fit)
+    code, _, stderr = run_tune(["--trials", "2", *flags])
+    assert code == 1 and stderr.count("\n") == 1 and "Traceback" not in stderr, stderr
+    assert re.match(rf"error: cannot write the study {where / 'study.db'}: (no space left on its disk|input/output "
+                    r"error).*; the study keeps every trial that finished before; .*then run the same command", stderr)
+    monkeypatch.setattr(train, "fit", real_fit)
+    read_only = tmpfs("16m")  # another disk: this process still holds the first one's database open
+    shutil.copyfile(where / "study.db", read_only / "study.db")
+    remount(read_only, "ro")
+    flags[-1] = f"sqlite:///{read_only / 'study.db'}"
+    code, _, stderr = run_tune(["--trials", "1", *flags])
+    assert code == 2 and stderr == (f"error: cannot write the study {read_only / 'study.db'}: its file system is "
+                                    "read-only; the study keeps every trial that finished before; pick a writable "
+                                    "folder (or make this one writable), then run the same command to add more\n")
 
 
 def test_ctrl_c_ends_the_running_trial_and_keeps_the_study(tiny_cifar, tmp_path, monkeypatch):
