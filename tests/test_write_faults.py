@@ -1,5 +1,5 @@
 """Write faults: a full disk, a read-only folder, a file where a folder is needed (docs/reliability.md,
-"What a failed write gives"). Each ends in one `error:` line and a non-zero exit, with no traceback;
+"Write faults"). Each ends in one `error:` line and a non-zero exit, with no traceback;
 what was saved before still loads, and `--resume` continues from it once there is room.
 
 The disks are real: small tmpfs mounts (conftest's `tmpfs`), filled by the run's own files or by a
