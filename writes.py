@@ -112,9 +112,9 @@ def reason(e: OSError | None, path: Path, needed: int | None = None) -> tuple[st
     free = free_bytes(path)
     if code in (errno.ENOSPC, errno.EDQUOT) or (code is None and free is not None and needed and free < needed):
         what = "the disk quota is used up" if code == errno.EDQUOT else "no space left on its disk"
-        room = f" ({size_text(free)} free" + (f", about {size_text(needed)} needed)" if needed else ")") \
-            if free is not None else ""
-        return what + room, FREE_SOME
+        numbers = ([f"{size_text(free)} free"] if free is not None else []) + \
+            ([f"about {size_text(needed)} needed"] if needed else [])
+        return what + (f" ({', '.join(numbers)})" if numbers else ""), FREE_SOME
     if code == errno.EROFS:
         return "its file system is read-only", "pick a writable folder (or make this one writable)"
     if code in (errno.EACCES, errno.EPERM):

@@ -15,6 +15,8 @@ import errno
 import io
 import json
 import os
+import pickle
+import re
 import shutil
 import urllib.error
 from collections.abc import Callable
@@ -29,6 +31,7 @@ import evaluate
 import export
 import plots
 import train
+import writes
 from checkpoint import load_checkpoint
 from conftest import remount, tiny_train_args
 
@@ -66,6 +69,36 @@ def _failing_save(name: str) -> Callable:
         except OSError:
             raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")  # noqa: B904
     return save
+
+
+# ----------------------------------------------------------------------------- telling a failed write
+
+def test_what_counts_as_a_failed_write_and_its_words(tmp_path):
+    """Root may write anywhere, so permission-denied is checked here on the exception, with the other
+    kinds: torch's RuntimeError raised while an OSError is handled is the OSError's failure, a network
+    error or another RuntimeError is none."""
+    target = tmp_path / "x.pth"
+
+    def chained(first: OSError) -> RuntimeError:
+        try:
+            raise first
+        except OSError:
+            try:
+                raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+            except RuntimeError as e:
+                return e
+    denied = writes.write_error(PermissionError(errno.EACCES, "Permission denied"), target, "the checkpoint")
+    assert str(denied) == (f"cannot write the checkpoint {target}: permission denied; pick a writable folder (or "
+                           "allow writing to this one)") and not denied.disk_full
+    full = writes.write_error(chained(OSError(errno.ENOSPC, "No space left on device")), target, "the checkpoint",
+                              needed=39_300_000)
+    assert re.fullmatch(rf"cannot write the checkpoint {re.escape(str(target))}: no space left on its disk \(\S+ "
+                        r"[KMG]?B free, about 39.3 MB needed\); free some space there", str(full)) and full.disk_full
+    assert writes.write_error(urllib.error.URLError("no network"), target, "x") is None
+    assert writes.write_error(RuntimeError("CUDA out of memory"), target, "x") is None
+    assert str(full.explained("a.pth holds epoch 1", "resume")).endswith("; a.pth holds epoch 1; free some space "
+                                                                         "there, then resume")
+    assert pickle.loads(pickle.dumps(full)).disk_full  # as torch.distributed hands it to the other processes
 
 
 # ----------------------------------------------------------------------------- train.py
