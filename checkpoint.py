@@ -3,8 +3,9 @@
 A checkpoint is a plain dict of tensors and primitives (model and optimizer state, epoch, scores,
 history, the run's config as a dict, RNG states). It is written to a temporary file in the same
 folder and moved into place with `os.replace`, so a crash never leaves a half-written file under
-the real name. It is read with `torch.load(weights_only=True)`, which builds tensors and
-primitives only: a pickle that tries to import or call anything is refused, not run.
+the real name, and a failed write (a full disk: writes.py) leaves the previous file as it was. It
+is read with `torch.load(weights_only=True)`, which builds tensors and primitives only: a pickle
+that tries to import or call anything is refused, not run.
 
 Every checkpoint records a SHA-256 of its tensors (`tensor_sha256`: names, dtypes, shapes and bytes),
 checked on load: the zip format has no checksum of its own, so a flipped bit in the weights would
@@ -13,13 +14,11 @@ A `.safetensors` file written by export.py loads here too (`load_checkpoint` rea
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
 import re
 import sys
-import uuid
 import warnings
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from torch import nn
 
 from config import config_problems
 from model import build_model
+from writes import replaced
 
 _PREFIXES = ("module.", "_orig_mod.")  # added by DistributedDataParallel and torch.compile
 DIGEST_KEY = "tensor_sha256"  # where a checkpoint (or a .safetensors file's metadata) keeps its digest
@@ -117,22 +117,19 @@ def file_sha256(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+def checkpoint_size(obj: dict) -> int:
+    """About the bytes `obj` takes saved: its tensors' bytes, and 64 KiB for the zip and the pickle."""
+    return sum(t.numel() * t.element_size() for _, t in _tensors(obj)) + 64 * 1024
+
+
 def save_checkpoint(obj: dict, path: str | os.PathLike) -> None:
     """Write `obj` and the SHA-256 of its tensors to `path` atomically: a temp file in the same folder,
-    fsync, then os.replace."""
+    fsync, then os.replace. A failed write (full disk, read-only folder...) removes the temp file and
+    raises WriteError; the file under `path` is then the one that was there before."""
     path = Path(path)
     obj = {**obj, DIGEST_KEY: tensor_digest(obj)}
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")  # same folder: same disk
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    with replaced(path, "the checkpoint", needed=checkpoint_size(obj), sync=True) as tmp, open(tmp, "wb") as f:
+        torch.save(obj, f)
 
 
 def _check_layout(obj, path: Path) -> None:

@@ -15,9 +15,11 @@ run resumed mid-epoch sees exactly the batches it would have seen.
 from __future__ import annotations
 
 import codecs
+import contextlib
 import os
 import pickle
 import random
+import shutil
 import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -31,8 +33,12 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision.datasets.utils import download_and_extract_archive
 from torchvision.transforms import v2
 
+from writes import WriteError, check_folder, missing_folders, remove_empty, size_text, write_error
+
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"  # of the official archive
+ARCHIVE = "cifar-10-python.tar.gz"
+ARCHIVE_BYTES, EXTRACTED_BYTES = 170_498_071, 186_214_000  # the archive, and the folder it holds (about)
 FOLDER = "cifar-10-batches-py"
 TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
 TEST_FILE = "test_batch"
@@ -151,12 +157,7 @@ def ensure_cifar10(root: str | os.PathLike, download: bool = True) -> Path:
     root = Path(root)
     folder = root / FOLDER
     if not folder.is_dir() and download:
-        try:
-            download_and_extract_archive(CIFAR10_URL, root, filename="cifar-10-python.tar.gz", md5=CIFAR10_MD5)
-        except Exception as e:  # no network, a proxy error, a bad md5, a full disk: all end here
-            raise DataError(f"CIFAR-10 is not in {folder} and could not be downloaded ({type(e).__name__}: {e}); "
-                            f"download {CIFAR10_URL}, extract it into {root} so that {folder / TRAIN_FILES[0]} "
-                            "exists, or pass --data-dir to the folder that holds cifar-10-batches-py/") from None
+        download_cifar10(root)
     if not folder.is_dir():
         raise DataError(f"CIFAR-10 is not in {folder}; extract the official archive there or pass --data-dir")
     missing = [n for n in (*TRAIN_FILES, TEST_FILE, META_FILE) if not (folder / n).is_file()]
@@ -164,6 +165,35 @@ def ensure_cifar10(root: str | os.PathLike, download: bool = True) -> Path:
         raise DataError(f"{folder / missing[0]}: file not found (the folder lacks {', '.join(missing)}); "
                         "extract the official archive there again")
     return folder
+
+
+def download_cifar10(root: Path) -> None:
+    """Download the official archive into `root` and extract it there, once the disk is seen to have
+    room for both. On failure it removes what it wrote (the archive unless it was there before, the
+    folder extracted in part, the folders it made) and raises DataError saying why."""
+    folder, archive = root / FOLDER, root / ARCHIVE
+    made, had_archive = missing_folders(root), archive.is_file()
+    instead = (f"download {CIFAR10_URL}, extract it into {root} so that {folder / TRAIN_FILES[0]} exists, or pass "
+               "--data-dir to the folder that holds cifar-10-batches-py/")
+    needed = EXTRACTED_BYTES + (0 if had_archive else ARCHIVE_BYTES)
+    try:
+        check_folder(root, needed, f"the download ({size_text(ARCHIVE_BYTES)} archive, {size_text(EXTRACTED_BYTES)} "
+                     "extracted)")
+    except WriteError as e:
+        raise DataError(f"CIFAR-10 is not in {folder} and cannot be downloaded to {root}: {e.why}; {e.remedy}, "
+                        f"or {instead}") from None
+    try:
+        download_and_extract_archive(CIFAR10_URL, root, filename=ARCHIVE, md5=CIFAR10_MD5)
+    except Exception as e:  # no network, a proxy error, a bad md5, a full disk: all end here
+        if not had_archive:
+            with contextlib.suppress(OSError):
+                archive.unlink()
+        if folder.is_dir():  # absent before: extracted in part
+            shutil.rmtree(folder, ignore_errors=True)
+        remove_empty(made)
+        failed = write_error(e, root, "the download", needed)
+        why = f"{failed.why}; {failed.remedy}" if failed else f"{type(e).__name__}: {e}"
+        raise DataError(f"CIFAR-10 is not in {folder} and could not be downloaded ({why}); {instead}") from None
 
 
 @dataclass

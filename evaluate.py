@@ -48,11 +48,13 @@ from data import (
 )
 from model import STANDARD_WIDTHS, count_parameters
 from runtime import autocast, default_amp, pick_device
+from writes import WriteError, check_folder, replaced
 
 IMAGE_SIZE = 32  # pixels; the network's input side
 ERRORS_SHOWN = 24  # the most confidently wrong test images drawn in confident_errors.png
 HISTORY_KEYS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc")  # what a curve needs per epoch
 SELECTION_KEYS = ("val_loss", "val_acc")  # of those, null after an epoch not evaluated (train.py --eval-every)
+REPORT_ROOM = 2_000_000  # bytes free asked of --out-dir: its figures and report.json took 0.76 MB (1,000 images)
 
 
 def _prepare(x: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
@@ -348,8 +350,8 @@ def classify_files(model: nn.Module, paths: Sequence[str], device: torch.device,
 def get_args_parser() -> argparse.ArgumentParser:
     p = OneLineParser(
         description="Evaluate a ResNet9 checkpoint on the CIFAR-10 test set, or classify image files (--image).",
-        epilog="exit codes: 0 done; 1 some --image file could not be read (the others are still classified); "
-               "2 bad arguments, checkpoint or data set")
+        epilog="exit codes: 0 done; 1 some --image file could not be read (the others are still classified), or "
+               "a report file could not be written; 2 bad arguments, checkpoint or data set")
     p.add_argument("checkpoint", help="a checkpoint written by train.py, or a .safetensors file written by export.py")
     p.add_argument("--data-dir", default="data", help="folder holding cifar-10-batches-py/ (downloaded if absent)")
     p.add_argument("--out-dir", default=None, help="where plots and report.json go (default: eval/<checkpoint name>)")
@@ -377,6 +379,9 @@ def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     try:
         return run(args)
+    except WriteError as e:  # the measurements are lost with it, but nothing written before is damaged
+        print(f"error: {e.explained(then='run the same command again')}", file=sys.stderr)
+        return 1
     except (CheckpointError, DataError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -410,7 +415,10 @@ def run(args: argparse.Namespace) -> int:
     if args.image:
         return classify_files(model, args.image, device, args.batch_size, args.tta, args.amp, args.tta_shift)
     out_dir = Path(args.out_dir or Path("eval") / Path(args.checkpoint).stem)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:  # before the test set is read and measured; the folder itself is made when the first figure is written
+        check_folder(out_dir, REPORT_ROOM, "the report and its figures")
+    except WriteError as e:
+        raise ValueError(f"cannot write to --out-dir {out_dir}: {e.why}; {e.remedy}") from None
     images, labels = load_test_set(args.data_dir, args.limit)
     report = {"checkpoint": str(args.checkpoint), "epoch": ckpt.get("epoch"), "device": str(device), "amp": args.amp,
               "torch": str(torch.__version__), "limit": args.limit, "parameters": count_parameters(model),
@@ -424,7 +432,8 @@ def run(args: argparse.Namespace) -> int:
     written = save_figures(report, ckpt, images, out_dir)
     report["figures"] = [str(p) for p in written]
     report_path = out_dir / "report.json"
-    report_path.write_text(json.dumps(report, indent=2))
+    with replaced(report_path, "the report") as tmp:
+        tmp.write_text(json.dumps(report, indent=2))
     print("wrote " + ", ".join(str(p) for p in [*written, report_path]))
     return 0
 

@@ -22,11 +22,8 @@ import contextlib
 import importlib
 import io
 import json
-import os
 import sys
-import tempfile
 import time
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +34,7 @@ from checkpoint import (
     DIGEST_KEY,
     OPTIONAL,
     CheckpointError,
+    checkpoint_size,
     clean_state_dict,
     load_checkpoint,
     model_from_checkpoint,
@@ -44,6 +42,7 @@ from checkpoint import (
 )
 from config import OneLineParser
 from data import CIFAR10_MEAN, CIFAR10_STD, CLASSES, TEST_FILE, DataError, ensure_cifar10, normalize_batch, read_batch
+from writes import WriteError, check_folder, replaced
 
 ONNX_OPSET = 21  # the newest opset that onnxruntime 1.18 (requirements-optional.txt's oldest) runs
 VERIFY_IMAGES = 1000  # test images run through both runtimes after an ONNX export
@@ -94,20 +93,18 @@ def require(*modules: str, feature: str) -> None:
         raise ExportError(f"{feature} needs {', '.join(missing)}, not installed here: {OPTIONAL}")
 
 
-def check_writable(out: Path) -> None:
-    """Fail before any work if --out cannot be written (a folder, or its folder absent or read-only)."""
+def check_writable(out: Path, needed: int) -> None:
+    """Fail before any work if --out cannot be written (a folder, or its folder absent or read-only) or
+    its disk has less than `needed` bytes free (the file is written next to the one it replaces)."""
     if out.is_dir():
         raise ExportError(f"--out {out}: is a folder; give a file name")
+    if not out.parent.is_dir():  # no folders are made for a file named on the command line
+        problem = "is a file, not a folder" if out.parent.exists() else "does not exist"
+        raise ExportError(f"--out {out}: cannot write there ({out.parent} {problem}); pick a writable folder")
     try:
-        with tempfile.TemporaryFile(dir=out.parent if str(out.parent) else "."):
-            pass
-    except OSError as e:
-        raise ExportError(f"--out {out}: cannot write there ({e.strerror or e}); pick a writable folder") from None
-
-
-def temporary_name(out: Path) -> Path:
-    """A temporary file next to --out (same disk), moved into place only when complete and checked."""
-    return out.with_name(f".{out.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+        check_folder(out.parent, needed, "the exported file")
+    except WriteError as e:
+        raise ExportError(f"--out {out}: cannot write there ({e.why}); {e.remedy}") from None
 
 
 def metadata(ckpt: dict, source: Path) -> dict[str, str]:
@@ -127,14 +124,9 @@ def export_safetensors(ckpt: dict, model: nn.Module, source: Path, out: Path) ->
     from safetensors.torch import save
     state = {k: v.detach().contiguous() for k, v in clean_state_dict(model.state_dict()).items()}
     meta = {**metadata(ckpt, source), "input": WEIGHTS_INPUT_DOC, DIGEST_KEY: tensor_digest({"model": state})}
-    tmp = temporary_name(out)
-    try:
+    with replaced(out, "the safetensors file", needed=checkpoint_size(state)) as tmp:
         tmp.write_bytes(save(state, metadata=meta))  # written as any file here: the umask's permissions
         load_checkpoint(tmp)  # read back: loads, digest and config checked, as evaluate.py will
-        os.replace(tmp, out)
-    finally:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
 
 
 def export_onnx(model: nn.Module, meta: dict[str, str], path: Path) -> None:
@@ -200,8 +192,7 @@ def export_and_verify_onnx(ckpt: dict, model: nn.Module, source: Path, out: Path
                            limit: int, batch_size: int) -> dict:
     """Export to a temporary file, check it against PyTorch, and move it into place only if it agrees."""
     images, described = verification_images(data_dir, limit)  # a bad --data-dir fails before the export
-    tmp = temporary_name(out)
-    try:
+    with replaced(out, "the ONNX file", needed=checkpoint_size(model.state_dict())) as tmp:
         export_onnx(model, metadata(ckpt, source), tmp)
         result = compare(tmp, model, images, batch_size)
         result["images"] = described
@@ -211,11 +202,7 @@ def export_and_verify_onnx(ckpt: dict, model: nn.Module, source: Path, out: Path
                 f"{out}: onnxruntime's logits differ from PyTorch's by up to {result['max_abs_diff']:.3g} "
                 f"(tolerance {LOGIT_TOLERANCE:g}; top-1 agreement {result['top1_agreement']:.2f}%); "
                 "the file was not kept")
-        os.replace(tmp, out)
-        return result
-    finally:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
+    return result
 
 
 def print_comparison(r: dict) -> None:
@@ -229,8 +216,8 @@ def print_comparison(r: dict) -> None:
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = OneLineParser(description="Export a checkpoint as safetensors weights or an ONNX model (docs/export.md).",
-                      epilog="exit codes: 0 written; 1 the ONNX file disagreed with PyTorch and was deleted; "
-                             "2 bad input or a missing optional package")
+                      epilog="exit codes: 0 written; 1 the ONNX file disagreed with PyTorch and was deleted, or the "
+                             "file could not be written; 2 bad input or a missing optional package")
     p.add_argument("checkpoint", help="a checkpoint written by train.py (or a .safetensors export)")
     p.add_argument("--format", required=True, choices=("safetensors", "onnx"), help="what to write")
     p.add_argument("--out", required=True, help="the file to write (replaced only once the new one is complete)")
@@ -253,7 +240,7 @@ def run(args: argparse.Namespace) -> int:
     source, out = Path(args.checkpoint), Path(args.out)
     ckpt = load_checkpoint(source)
     model = model_from_checkpoint(ckpt, source).eval()
-    check_writable(out)
+    check_writable(out, checkpoint_size(model.state_dict()))
     if args.format == "safetensors":
         export_safetensors(ckpt, model, source, out)
     else:
@@ -268,6 +255,9 @@ def main(argv: list[str] | None = None) -> int:
         return run(args)
     except VerificationFailed as e:
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except WriteError as e:  # the file it would replace is as it was
+        print(f"error: {e.explained(then='run the same command again')}", file=sys.stderr)
         return 1
     except (ExportError, CheckpointError, DataError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)

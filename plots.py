@@ -16,12 +16,14 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from writes import replaced
+
 
 def _save(fig: Figure, path: Path) -> Path:
+    """Write the figure as PNG through a temporary file; a failed write raises writes.WriteError."""
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, dpi=120, format="png")
-    os.replace(tmp, path)
+    with replaced(path, "the figure") as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
     return path
 
 

@@ -43,6 +43,7 @@ from torch import nn
 import train
 from checkpoint import (
     CheckpointError,
+    checkpoint_size,
     clean_state_dict,
     file_sha256,
     load_checkpoint,
@@ -63,6 +64,7 @@ from data import DataError
 from distill import KD_FLAGS
 from model import ResNet, resnet9, widths_of
 from runtime import pick_device
+from writes import WriteError, check_folder
 
 # The criteria that rank the channels of a coupled group (torch-pruning's importances; the group's
 # layers' scores of a channel are averaged):
@@ -197,6 +199,10 @@ def run(args: argparse.Namespace, rest: list[str]) -> int:
     source, out = Path(args.checkpoint), Path(args.out)
     parent = load_checkpoint(source)
     model = model_from_checkpoint(parent, source).eval()
+    try:  # before any work: room for the pruned checkpoint (at most the parent's size) and its temporary copy
+        check_folder(out.parent, 2 * checkpoint_size({"model": model.state_dict()}), "the pruned checkpoint")
+    except WriteError as e:
+        raise UsageError(f"cannot write --out {out}: {e.why}; {e.remedy}") from None
     cfg = finetune_config(parent.get("config", {}), given)
     finetune_dir = Path(args.finetune_dir or out.with_name(f"{out.stem}-finetune"))
     base_macs, base_params = macs_and_params(model)
@@ -235,7 +241,6 @@ def run(args: argparse.Namespace, rest: list[str]) -> int:
         pruned = {k: v for k, v in kept.items() if k != "run_id"}
     else:  # never fine-tuned: the parent's config and epoch; its metrics and curves are not this network's
         pruned = {"config": {**parent.get("config", {}), "widths": widths_of(model)}, "epoch": parent.get("epoch", 0)}
-    out.parent.mkdir(parents=True, exist_ok=True)
     save_checkpoint({**pruned, "kind": "pruned", "model": clean_state_dict(model.state_dict()), "pruning": record,
                      "torch_version": str(torch.__version__)}, out)
     load_checkpoint(out)  # read back as evaluate.py will: loads, digest and config checked
@@ -274,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     except (UsageError, CheckpointError, DataError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except train.NonFiniteLoss as e:
+    except (train.NonFiniteLoss, WriteError) as e:  # a failed write: the file it would replace is kept
         print(f"error: {e}", file=sys.stderr)
         return 1
 

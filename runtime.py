@@ -181,11 +181,11 @@ class Distributed:
             for buffer in model.buffers():
                 torch.distributed.broadcast(buffer, 0)
 
-    def first_error(self, message: str | None) -> str | None:
-        """Rank 0's error message (or None) on every rank, so that all stop together."""
+    def first_error(self, error: Exception | str | None) -> Exception | str | None:
+        """Rank 0's error (an exception or a message, or None) on every rank, so that all stop together."""
         if not self.enabled:
-            return message
-        box = [message]
+            return error
+        box = [error]
         torch.distributed.broadcast_object_list(box, 0)
         return box[0]
 

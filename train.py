@@ -23,13 +23,11 @@ import dataclasses
 import functools
 import json
 import math
-import os
 import signal
 import sys
-import tempfile
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,7 +38,7 @@ from torch import nn
 from tqdm import tqdm
 
 import plots
-from checkpoint import CheckpointError, clean_state_dict, load_checkpoint, save_checkpoint, unwrap
+from checkpoint import CheckpointError, checkpoint_size, clean_state_dict, load_checkpoint, save_checkpoint, unwrap
 from config import TrainConfig, UsageError, fresh_config, lr_at, parse_args, resolution_at, resumed_config
 from data import (
     CLASSES,
@@ -73,6 +71,7 @@ from runtime import (
 )
 from step import EagerStep, make_step
 from tensorboard_log import TensorBoardLog, folder_for, require_tensorboard
+from writes import WriteError, check_folder, remove_stale_temporaries, replaced, size_text
 
 BEST_NAME = "learn_rate_consistent_model.pth"  # the paper's file name for the best model
 LAST_NAME = "last.pth"
@@ -200,19 +199,31 @@ def _best_state(cfg: TrainConfig, progress: Progress, weights: dict, metrics: di
 
 
 def _write_json(obj, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+    with replaced(path, "the history") as tmp:
+        tmp.write_text(json.dumps(obj, indent=1))
 
 
-def prepare_output(out: Path, *, resuming_run: str | None, overwrite: bool) -> None:
-    """Make sure --out is writable and holds no other run's checkpoints (unless --overwrite)."""
+def last_pth_size(cfg: TrainConfig, progress: Progress, model: nn.Module, optimizer: torch.optim.Optimizer,
+                  ema: WeightAverage | None) -> int:
+    """About the bytes of this run's last.pth: its state now, plus the optimizer's per-parameter
+    buffers (SGD's momentum, AdamW's two moments) where the first step has not made them yet."""
+    slots = 0 if optimizer.state else 2 if cfg.optimizer == "adamw" else int(cfg.momentum > 0)
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    return checkpoint_size(_last_state(cfg, progress, model, optimizer, ema)) + slots * params
+
+
+def prepare_output(out: Path, *, resuming_run: str | None, overwrite: bool, last_size: int = 0) -> None:
+    """Make sure --out is writable, has room for the end of an epoch (a new last.pth of `last_size`
+    bytes and a temporary copy of it, less the last.pth it replaces; the best checkpoint, the model
+    alone, fits in that) and holds no other run's checkpoints (unless --overwrite)."""
+    for path in remove_stale_temporaries(out):
+        print(f"note: removed {path}, left by a write that was killed before it ended")
+    present = (out / LAST_NAME).stat().st_size if (out / LAST_NAME).is_file() else 0
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out):
-            pass
-    except OSError as e:
-        raise UsageError(f"cannot write to --out {out}: {e.strerror or e}; pick a writable folder") from None
+        check_folder(out, max(last_size, 2 * last_size - present), f"an epoch's checkpoints ({LAST_NAME} is "
+                     f"about {size_text(last_size)}, written through a temporary copy)")
+    except WriteError as e:
+        raise UsageError(f"cannot write to --out {out}: {e.why}; {e.remedy}") from None
     for name in (BEST_NAME, LAST_NAME):
         path = out / name
         if overwrite or not path.exists():
@@ -239,6 +250,11 @@ def free_default_out(out: Path) -> str:
     print(f"note: {out}/ already holds {', '.join(taken)}; this run writes to {new}/ instead "
           f"(--out {out} --overwrite replaces them{resume})")
     return str(new)
+
+
+def saved_at(progress: Progress) -> str:
+    """Where a last.pth with this progress stands, in words."""
+    return f"epoch {progress.epoch}" + (f" and {progress.step} steps of the next" if progress.step else "")
 
 
 def load_resume(path: str) -> dict:
@@ -410,10 +426,30 @@ class Run:
     tb: TensorBoardLog  # writes only on rank 0 and with --tensorboard
     ema: WeightAverage | None  # the average of the weights with --ema
     speed_said: bool = False  # whether the speed of the first steps was said
+    saved: tuple[Path, str] | None = None  # the newest last.pth of this run, and where it stands
 
     def say(self, text: str) -> None:
         if self.dist.is_main:
             print(text)
+
+    def save_last(self) -> None:
+        state = _last_state(self.cfg, self.progress, self.model, self.optimizer, self.ema)
+        save_checkpoint(state, self.out / LAST_NAME)
+        self.saved = (self.out / LAST_NAME, saved_at(self.progress))
+
+    @contextlib.contextmanager
+    def telling_failed_writes(self) -> Iterator[None]:
+        """A failed write's line gets which last.pth holds what, and how to go on from it."""
+        try:
+            yield
+        except WriteError as e:
+            if self.saved is None:
+                raise e.explained("no checkpoint of this run was written yet", "start the run again") from None
+            path, where = self.saved
+            out = f" --out {self.out}" if path.parent != self.out else ""
+            elsewhere = "" if e.disk_full else " (and --out DIR to write elsewhere)"
+            raise e.explained(f"{path} holds the state after {where}",
+                              f"continue with: python train.py --resume {path}{out}{elsewhere}") from None
 
     def selected_model(self) -> nn.Module:
         """The model evaluated on the selection split and saved as the best: the weight average with
@@ -480,22 +516,26 @@ def build_training(cfg: TrainConfig, device: torch.device, dist: Distributed,
 
 
 def check_output(cfg: TrainConfig, progress: Progress, resume: str | None, overwrite: bool, model: nn.Module,
-                 dist: Distributed) -> None:
-    """Rank 0 checks --out (all processes stop together if it fails) and, on a resume, brings the
-    outputs a crash may have left behind up to last.pth."""
+                 dist: Distributed, last_size: int) -> None:
+    """Rank 0 checks --out and, on a resume, brings the outputs a crash may have left behind up to
+    last.pth; all processes stop together if either fails."""
     out, error = Path(cfg.out), None
     if dist.is_main:
         try:
-            prepare_output(out, resuming_run=progress.run_id if resume else None, overwrite=overwrite)
+            prepare_output(out, resuming_run=progress.run_id if resume else None, overwrite=overwrite,
+                           last_size=last_size)
+            if resume and finish_best_write(cfg, out, progress, model):
+                print(f"note: {out / BEST_NAME} was not written when the run stopped; written now from {resume}")
+            if resume:
+                _write_json(progress.history, out / HISTORY_NAME)
+        except WriteError as e:
+            error = e.explained(f"{resume} holds the state after {saved_at(progress)}",
+                                f"continue with: python train.py --resume {resume}")
         except UsageError as e:
-            error = str(e)
+            error = e
     error = dist.first_error(error)
     if error:
-        raise UsageError(error)
-    if resume and dist.is_main:
-        if finish_best_write(cfg, out, progress, model):
-            print(f"note: {out / BEST_NAME} was not written when the run stopped; written now from {resume}")
-        _write_json(progress.history, out / HISTORY_NAME)
+        raise error
 
 
 def start_run(cfg: TrainConfig, resume: str | None, resume_ckpt: dict | None, overwrite: bool, dist: Distributed,
@@ -513,9 +553,10 @@ def start_run(cfg: TrainConfig, resume: str | None, resume_ckpt: dict | None, ov
     model, optimizer = build_training(cfg, device, dist, None if resume_ckpt is not None else initial_weights)
     ema = WeightAverage(model, cfg.ema, cfg.ema_every) if cfg.ema else None
     progress = restore(resume_ckpt, resume, model, optimizer, ema) if resume_ckpt is not None else Progress()
-    check_output(cfg, progress, resume, overwrite, ema.model if ema else model, dist)
-    tb = open_tensorboard(cfg, progress.run_id, dist)
+    check_output(cfg, progress, resume, overwrite, ema.model if ema else model, dist,
+                 last_pth_size(cfg, progress, model, optimizer, ema))
     loader, sel_loader, sel_name, summary, examples = build_loaders(cfg, device, dist)
+    tb = open_tensorboard(cfg, progress.run_id, dist)  # after the data: a run that cannot start leaves no log
     best_weights = None
     if resume_ckpt and cfg.reload_best and progress.best_epoch:
         best_weights = load_best_weights(Path(cfg.out), progress, model, device)
@@ -527,7 +568,7 @@ def start_run(cfg: TrainConfig, resume: str | None, resume_ckpt: dict | None, ov
     train_step = make_step(model, optimizer, training_loss(cross_entropy, teachers, cfg), device=device, amp=cfg.amp,
                            channels_last=cfg.channels_last, cuda_graph=cfg.cuda_graph, batch_size=loader.batch_size)
     run = Run(cfg, Path(cfg.out), device, dist, model, optimizer, train_step, loader, sel_loader, sel_name, progress,
-              best_weights, tb, ema)
+              best_weights, tb, ema, saved=(Path(resume), saved_at(progress)) if resume else None)
     ema_note = f"; ema {cfg.ema:g} every {cfg.ema_every} steps" if ema else ""
     kd_note = (f"; distilling from {len(teachers)} teacher(s) at --kd-weight {cfg.kd_weight:g} --kd-temperature "
                f"{cfg.kd_temperature:g}" if teachers else "")
@@ -582,7 +623,7 @@ def save_mid_epoch(run: Run, step: int, totals: list[float], seconds: float, sig
     progress = run.progress
     progress.step, progress.partial, progress.partial_seconds = step, totals, seconds
     if run.dist.is_main:
-        save_checkpoint(_last_state(run.cfg, progress, run.model, run.optimizer, run.ema), run.out / LAST_NAME)
+        run.save_last()
     run.say(f"stopped by signal {signum} in epoch {progress.epoch + 1} at step {step}/{run.loader.steps_per_epoch}; "
             f"saved {run.out / LAST_NAME}; continue with: python train.py --resume {run.out / LAST_NAME}")
     return 128 + signum
@@ -629,12 +670,19 @@ def end_epoch(run: Run, epoch: int, totals: list[float], train_seconds: float) -
            "images_per_second": round(n / max(train_seconds, 1e-9), 1), "improved": improved, "reloaded": reloaded,
            "resolution": run.loader.resolution}
     progress.history.append(row)
+    error = None
     if dist.is_main:  # last.pth first: a crash before the best one is written is repaired on resume
-        save_checkpoint(_last_state(cfg, progress, run.model, run.optimizer, run.ema), run.out / LAST_NAME)
-        if improved:
-            save_checkpoint(_best_state(cfg, progress, run.best_weights, row), run.out / BEST_NAME)
-        _write_json(progress.history, run.out / HISTORY_NAME)
-    run.tb.epoch(row, run.sel_name)
+        try:
+            run.save_last()
+            if improved:
+                save_checkpoint(_best_state(cfg, progress, run.best_weights, row), run.out / BEST_NAME)
+            _write_json(progress.history, run.out / HISTORY_NAME)
+            run.tb.epoch(row, run.sel_name)
+        except WriteError as e:
+            error = e
+    error = dist.first_error(error)  # a failed write stops every process here, rather than leave them waiting
+    if error:
+        raise error
     note = "best" if improved else "reloaded best" if reloaded else ""
     if cfg.min_res < 32:
         note = f"{row['resolution']} px {note}".rstrip()
@@ -679,7 +727,7 @@ def finish(run: Run) -> None:
     """The curves and the summary line (and the TensorBoard summary), at the end of the run."""
     progress, cfg = run.progress, run.cfg
     if cfg.tensorboard and progress.history:
-        log_final(run)
+        log_final(run)  # a failed write raises on rank 0 after the last collective: the others end as they would
     if not (run.dist.is_main and progress.history):
         return
     written = plots.save_curves(progress.history, run.out, run.sel_name)
@@ -699,7 +747,7 @@ def fit(cfg: TrainConfig, *, resume: str | None = None, resume_ckpt: dict | None
     epoch's selection accuracy there, and stops a trial that falls behind by raising). A new run
     starts from `initial_weights` when given (prune.py fine-tunes a pruned network so)."""
     run = start_run(cfg, resume, resume_ckpt, overwrite, dist or Distributed(), device, initial_weights)
-    with StopFlag() as stop, contextlib.closing(run.tb):
+    with StopFlag() as stop, contextlib.closing(run.tb), run.telling_failed_writes():
         while run.progress.epoch < run.cfg.epochs:
             epoch = run.progress.epoch + 1
             step, totals, seconds = train_epoch(run, epoch, stop)
@@ -733,6 +781,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except NonFiniteLoss as e:
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except WriteError as e:
+        if dist is None or dist.is_main:  # every process stops with it; rank 0 says it
+            print(f"error: {e}", file=sys.stderr)
         return 1
     except RuntimeError as e:
         if "does not have a deterministic implementation" in str(e):  # an op that --deterministic cannot run

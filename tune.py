@@ -24,8 +24,10 @@ trial that raises is recorded as failed and the search goes on. See docs/tuning.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import dataclasses
+import errno
 import json
 import os
 import re
@@ -45,6 +47,7 @@ from checkpoint import CheckpointError
 from config import NONNEG_INT, RUN_ENVIRONMENT, OneLineParser, UsageError, fresh_config, parse_args
 from data import DataError
 from runtime import pick_device
+from writes import WriteError, causes, missing_folders, reason, remove_empty, replaced
 
 if TYPE_CHECKING:
     import optuna
@@ -64,6 +67,7 @@ TPE_STARTUP_TRIALS = 6  # random trials before TPE models the results: a search 
 MEDIAN_STARTUP_TRIALS = 4  # the median pruner compares against this many finished trials at least
 HEARTBEAT_S, GRACE_S = 60, 300  # a trial whose process died is marked failed after GRACE_S without a beat
 STUDY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
+KEPT, AGAIN = "the study keeps every trial that finished before", "run the same command to add more"
 
 
 def search_space() -> dict:
@@ -232,8 +236,33 @@ def paper_trial(trials: list) -> optuna.trial.FrozenTrial | None:
 
 # ----------------------------------------------------------------------------- one trial
 
-def make_objective(fixed: list[str], folder: Path, device, fatal: list[str]) -> Callable:
-    """The objective: train the trial's command line with train.fit, report each epoch, return the best."""
+def write_failure(e: BaseException, url: str) -> WriteError | None:
+    """The failed write behind `e`, as one line: of a trial's files (train.py's WriteError) or of the
+    study's database (SQLite on a full or read-only disk); None if `e` is something else."""
+    for cause in causes(e):
+        if isinstance(cause, WriteError):
+            return cause.explained(KEPT, AGAIN)
+        found = re.search(r"database or disk is full|readonly database|disk I/O error", str(cause))
+        if found and type(cause).__module__.split(".")[0] in ("sqlite3", "sqlalchemy"):
+            db = Path(url.split(":///", 1)[1]) if url.startswith("sqlite:///") else Path(shown_url(url))
+            read_only = db.parent.is_dir() and os.statvfs(db.parent).f_flag & os.ST_RDONLY
+            code = {"database or disk is full": errno.ENOSPC, "disk I/O error": errno.EIO}.get(
+                found.group(), errno.EROFS if read_only else errno.EACCES)
+            why, remedy = reason(OSError(code, os.strerror(code)), db)
+            return WriteError("the study", db, why, remedy, KEPT, AGAIN)
+    return None
+
+
+def _note(trial: optuna.Trial, text: str) -> None:
+    """Record a note on the trial, if its database can still be written."""
+    with contextlib.suppress(Exception):  # the note says why the study's database could not be written
+        trial.set_user_attr("note", text[:300])
+
+
+def make_objective(fixed: list[str], folder: Path, device, fatal: list[Exception], url: str) -> Callable:
+    """The objective: train the trial's command line with train.fit, report each epoch, return the best.
+    An error no other trial would escape (bad fixed flags, a disk that cannot be written) stops the
+    study and goes into `fatal`."""
     import optuna
 
     def objective(trial: optuna.Trial) -> float:
@@ -265,11 +294,17 @@ def make_objective(fixed: list[str], folder: Path, device, fatal: list[str]) -> 
         except optuna.TrialPruned:  # from report(), through fit
             raise
         except (UsageError, DataError, CheckpointError) as e:  # the fixed flags cannot work: no trial would
-            fatal.append(str(e))
-            trial.set_user_attr("note", f"failed: {e}"[:300])
+            fatal.append(e)
+            _note(trial, f"failed: {e}")
             trial.study.stop()
             raise
         except Exception as e:  # a bug or a machine problem: say where, and go on with the next trial
+            failed = write_failure(e, url)
+            if failed is not None:  # no trial would write what this one could not
+                fatal.append(failed)
+                _note(trial, f"failed: {failed}")
+                trial.study.stop()
+                raise failed from None
             traceback.print_exc()
             trial.set_user_attr("note", f"failed: {type(e).__name__}: {' '.join(str(e).split())}"[:300])
             raise
@@ -277,7 +312,8 @@ def make_objective(fixed: list[str], folder: Path, device, fatal: list[str]) -> 
             trial.set_user_attr("note", "interrupted")
             raise
         finally:
-            trial.set_user_attr("best_epoch", best["epoch"])
+            with contextlib.suppress(Exception):  # a database that cannot be written is said above
+                trial.set_user_attr("best_epoch", best["epoch"])
             if not code:  # a trial stopped by a signal keeps the last.pth train.py just pointed to
                 for name in (train.BEST_NAME, train.LAST_NAME):  # the best command retrains: free the disk
                     (trial_dir / name).unlink(missing_ok=True)
@@ -304,11 +340,11 @@ def trial_line(trial: optuna.trial.FrozenTrial) -> str:
 
 # ----------------------------------------------------------------------------- outputs
 
-def _replace(path: Path, write: Callable[[Path], None]) -> None:
-    """Write through a temporary file (per process: several may share the folder), then rename."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
+def _replace(path: Path, write: Callable[[Path], None], what: str) -> None:
+    """Write through a temporary file (per process: several may share the folder), then rename; a
+    failed write raises WriteError."""
+    with replaced(path, what) as tmp:
+        write(tmp)
 
 
 def ranked(trials: list) -> list:
@@ -336,7 +372,7 @@ def write_csv(trials: list, path: Path) -> None:
                               f"{t.duration.total_seconds():.1f}" if t.duration else "",
                               "yes" if t.user_attrs.get("paper") else "", t.user_attrs.get("note", ""),
                               command_line(flags) if flags else ""])
-    _replace(path, write)
+    _replace(path, write, "the table")
 
 
 def save_plots(study: optuna.Study, folder: Path) -> list[str]:
@@ -363,7 +399,7 @@ def save_plots(study: optuna.Study, folder: Path) -> list[str]:
             fig = ax.figure if hasattr(ax, "figure") else np.ravel(ax)[0].figure
             fig.set_size_inches(8, 5)
             fig.tight_layout()
-            _replace(folder / name, lambda tmp, fig=fig: fig.savefig(tmp, dpi=90, format="png"))
+            _replace(folder / name, lambda tmp, fig=fig: fig.savefig(tmp, dpi=90, format="png"), "the plot")
             plt.close(fig)
             done.append(str(folder / name))
         except (ValueError, RuntimeError, ZeroDivisionError) as e:
@@ -394,7 +430,7 @@ def summarize(study: optuna.Study, folder: Path, shown_storage: str) -> str | No
         return None
     top = best[0]
     command = command_line([*top.user_attrs["flags"], "--out", str(folder / "best")])
-    _replace(folder / "best_command.txt", lambda tmp: tmp.write_text(command + "\n"))
+    _replace(folder / "best_command.txt", lambda tmp: tmp.write_text(command + "\n"), "the best command")
     print(f"best: trial {top.number}, val acc {top.value:.2f}% at epoch {top.user_attrs.get('best_epoch')} "
           f"({describe(top.params)}); its command is in {folder / 'best_command.txt'}:")
     print(command)
@@ -443,6 +479,7 @@ def fixed_flags(rest: list[str]) -> tuple[list[str], train.TrainConfig]:
 
 def main(argv: list[str] | None = None) -> int:
     args, rest = get_args_parser().parse_known_args(argv)
+    made: list[Path] = []  # folders made here, removed again if the study cannot be opened
     try:
         if "WORLD_SIZE" in os.environ:
             raise UsageError("tune.py runs each trial in one process: start more tune.py processes on one "
@@ -454,37 +491,56 @@ def main(argv: list[str] | None = None) -> int:
         import_optuna()
         out = Path(args.out)
         folder = out / args.study
+        made = missing_folders(folder)
         try:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise UsageError(f"cannot write to --out {out}: {e.strerror or e}; pick a writable folder") from None
+            why, remedy = reason(e, folder)
+            raise UsageError(f"cannot write to --out {out}: {why}; {remedy}") from None
         url = args.storage or f"sqlite:///{(out / 'optuna.db').resolve()}"
         storage = open_storage(url)
         recipe = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in PLACE and k not in SEARCHED}
-        study = open_study(storage, args.study, trial_seeded_tpe(args.sampler_seed),
-                           make_pruner(args.pruner, cfg.epochs), recipe)
+        try:
+            study = open_study(storage, args.study, trial_seeded_tpe(args.sampler_seed),
+                               make_pruner(args.pruner, cfg.epochs), recipe)
+        except Exception as e:  # a database on a full or read-only disk: refused before any trial, in one line
+            raise UsageError(str(_failed_write(e, url))) from None
     except (UsageError, ValueError) as e:
+        remove_empty(made)
         print(f"error: {e}", file=sys.stderr)
         return 2
     shown = shown_url(url)
     finished = sum(t.state.is_finished() for t in study.trials)
     print(f"study {args.study!r} in {shown}: {finished} finished trial(s) so far; adding {args.trials}, "
           f"{cfg.epochs} epoch(s) each on device {device}; pruner {args.pruner}; outputs in {folder}", flush=True)
-    fatal: list[str] = []
-    start, code = time.perf_counter(), 0
+    fatal: list[Exception] = []
+    start, code, best = time.perf_counter(), 0, None
     try:
-        study.optimize(make_objective(flags, folder, device, fatal), n_trials=args.trials, catch=(Exception,),
+        study.optimize(make_objective(flags, folder, device, fatal, url), n_trials=args.trials, catch=(Exception,),
                        callbacks=[lambda study, trial: print(trial_line(trial), flush=True)])
     except KeyboardInterrupt:
         print("stopped by a signal: the running trial is recorded as failed; the study keeps every finished "
               "trial (run the same command to add more)", file=sys.stderr, flush=True)
         code = 130
+    except Exception as e:  # the study's database could not be written while a trial was recorded
+        fatal.append(_failed_write(e, url))
     print(f"this process ran for {(time.perf_counter() - start) / 60:.1f} min")
-    best = summarize(study, folder, shown)
+    try:
+        best = summarize(study, folder, shown)
+    except Exception as e:  # a full or read-only disk: the first failure is the one said
+        fatal.append(_failed_write(e, url))
     if fatal:
         print(f"error: {fatal[0]}", file=sys.stderr)
-        return 2
+        return 1 if isinstance(fatal[0], WriteError) else 2
     return code or (0 if best else 1)
+
+
+def _failed_write(e: Exception, url: str) -> WriteError:
+    """`e` as a failed write, or `e` raised again if it is something else."""
+    failed = write_failure(e, url)
+    if failed is None:
+        raise e
+    return failed
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """Shared fixtures: a tiny CIFAR-10 folder in the official layout, and the proxy folder if present;
-and the helpers that stop a run mid-epoch and compare two runs bit for bit (exact-resume tests).
+small disks of their own (tmpfs) for the write-fault tests; and the helpers that stop a run
+mid-epoch and compare two runs bit for bit (exact-resume tests).
 
 The tiny folder is synthetic: each class has its own colour and stripe pattern plus noise, so a
 model can learn it in a few steps. Its pickles are written as the official Python 2 files are
@@ -13,8 +14,10 @@ import os
 import pickle
 import signal
 import struct
+import subprocess
 import sys
 import types
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -131,6 +134,38 @@ def trained_run(tiny_cifar, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("run")
     assert train.main(tiny_train_args(tiny_cifar, out, "--no-reload-best")) == 0
     return out
+
+
+def _mount(*args: str) -> None:
+    result = subprocess.run(["mount", *args], capture_output=True, text=True)
+    if result.returncode:
+        raise OSError(f"mount {' '.join(args)}: {result.stderr.strip()}")
+
+
+@pytest.fixture
+def tmpfs(tmp_path) -> Iterator[Callable[..., Path]]:
+    """`tmpfs(size, ro=False)`: a small disk of its own (a tmpfs of `size`, in mount's units: 8m, 64k)
+    under tmp_path, unmounted after the test; skips where this process may not mount one."""
+    mounted: list[Path] = []
+
+    def make(size: str, ro: bool = False) -> Path:
+        where = tmp_path / f"disk{len(mounted)}"
+        where.mkdir()
+        try:
+            _mount("-t", "tmpfs", "-o", f"size={size}" + (",ro" if ro else ""), "tmpfs", str(where))
+        except OSError as e:  # FileNotFoundError included: no mount command
+            pytest.skip(f"cannot mount a tmpfs here (needs root, in a container that allows mounts): {e}")
+        mounted.append(where)
+        return where
+
+    yield make
+    for where in mounted:
+        subprocess.run(["umount", "-l", str(where)], capture_output=True)
+
+
+def remount(where: Path, options: str) -> None:
+    """Remount a `tmpfs` disk with other options: ro, rw, size=..."""
+    _mount("-o", f"remount,{options}", str(where))
 
 
 def stop_at_training_step(monkeypatch, k: int) -> None:

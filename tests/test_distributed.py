@@ -2,6 +2,7 @@
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -13,6 +14,7 @@ import torch
 import evaluate
 import train
 from checkpoint import load_checkpoint
+from conftest import remount
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -110,3 +112,40 @@ def test_a_hung_process_ends_the_job_with_a_clear_error(tiny_cifar, tmp_path):
         job.kill()
         job.wait()
     assert (tmp_path / train.LAST_NAME).is_file()  # the last epoch's checkpoint stays
+
+
+def test_a_failed_write_on_rank_0_ends_every_process_at_once(tiny_cifar, trained_run, tmp_path, tmpfs):
+    """--out on a disk that holds epoch 1's checkpoints but not a second last.pth: rank 0's write at
+    the end of epoch 2 fails, every process learns of it there and exits with code 1, and rank 0 alone
+    says why, in one line (rank 1 does not go on into epoch 3 to find rank 0 gone: a lost-contact
+    error, or a wait of --dist-timeout). The two processes are started as torchrun starts them (RANK,
+    WORLD_SIZE, MASTER_ADDR/PORT) but without its agent, which would stop the others itself. A
+    resume once there is room finishes the run."""
+    last, best = ((trained_run / name).stat().st_size for name in (train.LAST_NAME, train.BEST_NAME))
+    out = tmpfs(f"{(2 * last + best // 2) // 1024}k") / "run"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+           "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, str(ROOT / "train.py"), "--device", "cpu", *tiny(tiny_cifar, out, "--epochs", "3"),
+           "--dist-timeout", "120"]
+    start = time.monotonic()
+    ranks = [subprocess.Popen(cmd, cwd=ROOT, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for r in (0, 1)]
+    try:
+        results = [(p.wait(timeout=110), *p.communicate()) for p in ranks]
+    finally:
+        for p in ranks:
+            p.kill()
+    assert time.monotonic() - start < 110
+    (code0, out0, err0), (code1, out1, err1) = results
+    assert (code0, code1) == (1, 1), (err0[-2000:], err1[-2000:])
+    assert err0.count("\n") == 1 and "Traceback" not in err0, err0
+    assert err0.startswith(f"error: cannot write the checkpoint {out / train.LAST_NAME}: no space left on its disk")
+    assert (out1, err1) == ("", "")  # rank 0 alone prints
+    assert "epoch   1/3 |" in out0 and load_checkpoint(out / train.LAST_NAME)["epoch"] == 1
+    assert load_checkpoint(out / train.BEST_NAME)["epoch"] == 1 and not list(out.glob(".*.tmp"))
+    remount(out.parent, f"size={4 * last // 1024}k")
+    assert train.main(["--resume", str(out / train.LAST_NAME)]) == 0
+    assert load_checkpoint(out / train.LAST_NAME)["epoch"] == 3

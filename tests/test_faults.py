@@ -197,7 +197,8 @@ def _half_written(out: Path, name: str) -> list[Path]:
 
 def test_kills_lose_nothing_and_resume_finishes_the_run(tiny_cifar, tmp_path):
     """SIGKILL half-way through writing the best checkpoint, then last.pth, then in the middle of an
-    epoch: each time every checkpoint on disk loads, and --resume carries on; the last one finishes."""
+    epoch: each time every checkpoint on disk loads, and --resume carries on (removing, with a note,
+    the temporary file the killed write left, which would hold its space); the last one finishes."""
     out, logs = tmp_path / "run", tmp_path / "logs"
     fresh = tiny_train_args(tiny_cifar, out, "--epochs", "3", "--subset", "24", "--batch-size", "8")
     resume = ["--resume", str(out / LAST)]
@@ -207,8 +208,11 @@ def test_kills_lose_nothing_and_resume_finishes_the_run(tiny_cifar, tmp_path):
     assert list(_checkpoints_on_disk(out)) == [LAST] and _half_written(out, BEST)  # last.pth is written first
     assert load_checkpoint(out / LAST)["epoch"] == 1
 
+    left = _half_written(out, BEST)
     code, out_text, _ = _interrupt(resume, logs / "2", lambda ready: _stall_in_write(LAST, ready), signal.SIGKILL)
     assert code == -signal.SIGKILL and f"note: {out / BEST} was not written when the run stopped" in out_text
+    assert f"note: removed {left[0]}, left by a write that was killed before it ended" in out_text
+    assert not list(out.glob(f".{BEST}.*.tmp"))
     on_disk = _checkpoints_on_disk(out)
     assert on_disk[BEST]["epoch"] == on_disk[LAST]["epoch"] == 1 and _half_written(out, LAST)
 
@@ -222,6 +226,7 @@ def test_kills_lose_nothing_and_resume_finishes_the_run(tiny_cifar, tmp_path):
     assert on_disk[LAST]["epoch"] == 3 and [h["epoch"] for h in on_disk[LAST]["progress"]["history"]] == [1, 2, 3]
     assert on_disk[BEST]["run_id"] == on_disk[LAST]["progress"]["run_id"]
     assert json.loads((out / train.HISTORY_NAME).read_text()) == on_disk[LAST]["progress"]["history"]
+    assert not list(out.glob(".*.tmp"))
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])

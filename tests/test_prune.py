@@ -224,3 +224,25 @@ def test_an_existing_out_is_kept_without_overwrite_and_missing_torch_pruning_is_
     monkeypatch.setitem(sys.modules, "torch_pruning", None)  # as if not installed
     _one_line(prune.main([str(trained_run / train.BEST_NAME), "--flops", "0.5", "--out", str(tmp_path / "q.pth")]),
               capsys.readouterr().err, "torch-pruning", "requirements-optional.txt")
+
+
+def test_an_out_that_cannot_be_written_is_refused_before_pruning_and_a_failed_write_is_one_line(
+        trained_run, tmp_path, capsys, monkeypatch):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    code = _prune([str(trained_run / train.BEST_NAME), "--flops", "0.5", "--out", str(blocker / "pruned.pth")])
+    err = capsys.readouterr()
+    _one_line(code, err.err, "cannot write --out", "is a file, where a folder is needed")
+    assert "step 1/1" not in err.out  # refused before any pruning
+    out = tmp_path / "pruned.pth"
+    out.write_bytes(b"an earlier file")
+
+    def full_disk(obj, f, *args, **kwargs):
+        f.write(b"x" * 1000)
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(torch, "save", full_disk)
+    code = prune.main([str(trained_run / train.BEST_NAME), "--flops", "0.5", "--out", str(out), "--overwrite"])
+    err = capsys.readouterr().err
+    assert code == 1 and err.count("\n") == 1 and "no space left" in err and "Traceback" not in err, err
+    assert out.read_bytes() == b"an earlier file"  # the file it would have replaced is kept
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "pruned.pth"]  # no temporary file left

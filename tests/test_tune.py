@@ -5,6 +5,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -14,11 +15,13 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 optuna = pytest.importorskip("optuna", reason="tune.py needs optuna (requirements-optional.txt)")
 
 import train  # noqa: E402
 import tune  # noqa: E402
+from conftest import remount  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 STUDY = "s"
@@ -143,6 +146,66 @@ def test_a_failing_trial_is_recorded_and_the_study_goes_on(tiny_cifar, tmp_path,
     assert [r.split(",")[1] for r in rows[1:]] == ["FAIL", "PRUNED", "COMPLETE"]
     assert "importances.png skipped (needs 2 complete trials, the study has 1)" in stdout
     assert (tmp_path / STUDY / "best_command.txt").is_file()
+
+
+def test_a_trial_that_cannot_write_its_checkpoints_stops_the_search_in_one_line(tiny_cifar, tmp_path, monkeypatch):
+    """The trials' disk is full: the first trial's last.pth fails half-way (as torch.save fails there).
+    No other trial would fare better, so the search stops: one line, exit code 1, no traceback; the
+    study keeps the trial, failed with the reason."""
+    from test_write_faults import _failing_save
+    monkeypatch.setattr(torch, "save", _failing_save(train.LAST_NAME))
+    code, stdout, stderr = run_tune(["--trials", "3", *tiny_flags(tiny_cifar, tmp_path, "--epochs", "1")])
+    last = tmp_path / STUDY / "trial-0000" / train.LAST_NAME
+    assert code == 1 and stderr.count("\n") == 1 and "Traceback" not in stderr, stderr
+    assert stderr.startswith(f"error: cannot write the checkpoint {last}: no space left on its disk (")
+    assert stderr.endswith("; the study keeps every trial that finished before; free some space there, then run the "
+                           "same command to add more\n")
+    (trial,) = load(tmp_path).trials
+    assert trial.state.name == "FAIL" and trial.user_attrs["note"].startswith("failed: cannot write the checkpoint")
+    assert not last.parent.exists() or not list(last.parent.glob("*.pth"))
+    assert "trial 0: fail" in stdout and (tmp_path / STUDY / "trials.csv").is_file()
+
+
+def test_a_read_only_study_folder_is_one_line_and_keeps_its_table(tiny_cifar, tmp_path, tmpfs):
+    where = tmpfs("16m")
+    flags = ["--trials", "0", *tiny_flags(tiny_cifar, where), "--storage", f"sqlite:///{tmp_path / 'study.db'}"]
+    assert run_tune(flags)[0] == 1  # no trial: nothing is best
+    table = where / STUDY / "trials.csv"
+    before = table.read_bytes()
+    remount(where, "ro")
+    code, _, stderr = run_tune(flags)
+    assert code == 1 and stderr.count("\n") == 1 and "Traceback" not in stderr, stderr
+    assert stderr.startswith(f"error: cannot write the table {table}: its file system is read-only; the study keeps "
+                             "every trial that finished before; pick a writable folder")
+    assert table.read_bytes() == before
+
+
+def test_a_study_database_that_cannot_be_written_is_one_line(tiny_cifar, tmp_path, tmpfs, monkeypatch):
+    """The SQLite study on its own small disk: the disk fills while the first trial trains (its first
+    report to the study fails: the search stops, exit code 1); then a copy of the study on a read-only
+    disk (it cannot take a trial: refused at the start, exit code 2)."""
+    where = tmpfs("16m")
+    flags = [*tiny_flags(tiny_cifar, tmp_path, "--epochs", "1"), "--storage", f"sqlite:///{where / 'study.db'}"]
+    real_fit = train.fit
+
+    def fill_then_fit(cfg, **kwargs):
+        from test_write_faults import _fill
+        _fill(where)
+        return real_fit(cfg, **kwargs)
+    monkeypatch.setattr(train, "fit", fill_then_fit)
+    code, _, stderr = run_tune(["--trials", "2", *flags])
+    assert code == 1 and stderr.count("\n") == 1 and "Traceback" not in stderr, stderr
+    assert re.match(rf"error: cannot write the study {where / 'study.db'}: (no space left on its disk|input/output "
+                    r"error).*; the study keeps every trial that finished before; .*then run the same command", stderr)
+    monkeypatch.setattr(train, "fit", real_fit)
+    read_only = tmpfs("16m")  # another disk: this process still holds the first one's database open
+    shutil.copyfile(where / "study.db", read_only / "study.db")
+    remount(read_only, "ro")
+    flags[-1] = f"sqlite:///{read_only / 'study.db'}"
+    code, _, stderr = run_tune(["--trials", "1", *flags])
+    assert code == 2 and stderr == (f"error: cannot write the study {read_only / 'study.db'}: its file system is "
+                                    "read-only; the study keeps every trial that finished before; pick a writable "
+                                    "folder (or make this one writable), then run the same command to add more\n")
 
 
 def test_ctrl_c_ends_the_running_trial_and_keeps_the_study(tiny_cifar, tmp_path, monkeypatch):
