@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+import optim
 import train
 from config import TrainConfig, get_args_parser, resolution_at
 from conftest import synthetic_images, tiny_train_args
@@ -119,5 +120,5 @@ def test_batchnorm_groups_scale_the_bias_rate_and_freeze_the_weights(tiny_cifar,
     assert len(groups[1]["params"]) == len(groups[2]["params"]) == n_bn
     assert len(groups[0]["params"]) + 2 * n_bn == len([k for k in weights if not k.endswith(
         ("running_mean", "running_var", "num_batches_tracked"))])
-    plain = train.param_groups(TrainConfig(), torch.nn.Linear(2, 2))
+    plain = optim.param_groups(TrainConfig(), torch.nn.Linear(2, 2))
     assert len(plain) == 1  # without the flags: one group, as before
