@@ -196,3 +196,19 @@ def assert_same_run(a, b) -> None:
     timing = ("seconds", "per_second")  # measured, so never the same twice
     strip = lambda h: [{k: v for k, v in row.items() if not k.endswith(timing)} for row in h]
     assert strip(ha) == strip(hb)
+
+
+def save_breaking_on(name: str, then: Callable[[], None]) -> Callable:
+    """torch.save that, for the temporary file of a write of `name`, writes half of the bytes, flushes
+    them and calls `then` (which raises, as a full disk does, or hangs, to be killed)."""
+    real_save = torch.save
+
+    def save(obj, f, *args, **kwargs):
+        if not Path(getattr(f, "name", "")).name.startswith(f".{name}."):
+            return real_save(obj, f, *args, **kwargs)
+        whole = io.BytesIO()
+        real_save(obj, whole, *args, **kwargs)
+        f.write(whole.getbuffer()[: whole.tell() // 2])
+        f.flush()
+        then()
+    return save

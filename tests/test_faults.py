@@ -45,7 +45,7 @@ import plots
 import train
 from checkpoint import CheckpointError, load_checkpoint
 from config import parse_args, resumed_config
-from conftest import ROOT, dump_py2, rows, tiny_train_args
+from conftest import ROOT, dump_py2, rows, save_breaking_on, tiny_train_args
 
 BEST, LAST = train.BEST_NAME, train.LAST_NAME
 
@@ -139,19 +139,12 @@ def fresh_interpreter(tiny_cifar, tmp_path_factory):
 
 def _stall_in_write(name: str, ready: Path) -> Callable[[], None]:
     """A hook: the first checkpoint write to `name` writes half its temporary file, then hangs."""
-    def install() -> None:
-        real_save = torch.save
+    def hang() -> None:
+        ready.touch()
+        time.sleep(600)
 
-        def save(obj, f, *args, **kwargs):
-            if not Path(getattr(f, "name", "")).name.startswith(f".{name}."):
-                return real_save(obj, f, *args, **kwargs)
-            whole = io.BytesIO()
-            real_save(obj, whole, *args, **kwargs)
-            f.write(whole.getbuffer()[: whole.tell() // 2])
-            f.flush()
-            ready.touch()
-            time.sleep(600)
-        torch.save = save
+    def install() -> None:
+        torch.save = save_breaking_on(name, hang)
     return install
 
 

@@ -12,7 +12,6 @@ torchrun: test_distributed.py.
 from __future__ import annotations
 
 import errno
-import io
 import json
 import os
 import pickle
@@ -33,7 +32,7 @@ import plots
 import train
 import writes
 from checkpoint import load_checkpoint
-from conftest import remount, tiny_train_args
+from conftest import remount, save_breaking_on, tiny_train_args
 
 BEST, LAST, HISTORY = train.BEST_NAME, train.LAST_NAME, train.HISTORY_NAME
 QUICK = ("--subset", "24", "--batch-size", "8")  # 3 steps an epoch; the checkpoints keep their full size
@@ -53,22 +52,18 @@ def _temporary_files(folder: Path) -> list[Path]:
     return sorted(folder.rglob(".*.tmp"))
 
 
+def _disk_full() -> None:
+    """What torch.save raises on a full disk: the OSError, then its zip writer's RuntimeError."""
+    try:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    except OSError:
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")  # noqa: B904
+
+
 def _failing_save(name: str) -> Callable:
     """torch.save as it fails on a full disk, for writes of `name`: half the bytes reach the file, then
     the OSError, then torch's zip writer raises RuntimeError while handling it."""
-    real_save = torch.save
-
-    def save(obj, f, *args, **kwargs):
-        if not Path(getattr(f, "name", "")).name.startswith(f".{name}."):
-            return real_save(obj, f, *args, **kwargs)
-        whole = io.BytesIO()
-        real_save(obj, whole, *args, **kwargs)
-        f.write(whole.getbuffer()[: whole.tell() // 2])
-        try:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        except OSError:
-            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")  # noqa: B904
-    return save
+    return save_breaking_on(name, _disk_full)
 
 
 # ----------------------------------------------------------------------------- telling a failed write
