@@ -17,6 +17,7 @@ from config import (
     get_args_parser,
     lr_at,
     parse_args,
+    resolution_at,
     resumed_config,
 )
 from conftest import tiny_train_args
@@ -29,8 +30,12 @@ def test_recipes():
     fast = fresh_config({"recipe": "fast"})
     for key, value in RECIPES["fast"].items():
         assert getattr(fast, key) == value
-    assert fast.batch_size == 128 and fast.nesterov and fast.tta and fast.tta_shift == 2 and fast.cutout == 8
-    assert not fast.reload_best
+    assert fast.batch_size == 128 and fast.nesterov and fast.tta_shift == 2 and fast.cutout == 8
+    assert not fast.reload_best and fast.val_size == 0 and fast.eval_every >= fast.epochs  # test set: once, at the end
+    # progressive resizing: 16 px for the first 40% of the epochs, 32 px for the last 15%, rising between
+    sides = [resolution_at(fast, epoch) for epoch in range(1, fast.epochs + 1)]
+    assert sides[:8] == [16] * 8 and sides[-3:] == [32] * 3 and sides == sorted(sides)
+    assert not fast.tta  # train.py evaluates plain once; evaluate.py --tta gives the 6-view figure
     assert fresh_config({"recipe": "fast", "epochs": 3, "lr": 0.1}).epochs == 3  # flags win over the recipe
 
 
