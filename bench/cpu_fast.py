@@ -51,6 +51,11 @@ VARIANTS: dict[str, list[str]] = {
     "fast-elu": ["--activation", "elu"],
     "fast-celu": ["--activation", "celu"],
     "fast-gelu": ["--activation", "gelu"],
+    # distillation (distill.py), the teachers' cost counted: the recipe's seed-0 run as teacher, and the
+    # ensemble of its three seeds; {out} is --out, where those runs are
+    "fast-kd": ["--teacher", "{out}/runs/fast-s0/learn_rate_consistent_model.pth"],
+    "fast-kd-ens": [arg for seed in range(3) for arg in ("--teacher", f"{{out}}/runs/fast-s{seed}/"
+                                                         "learn_rate_consistent_model.pth")],
 }
 # The peer, measured on the same proxy folder and 2 AMD EPYC vCPUs (docs/fast-recipe.md): airbench94,
 # 90.30% (6-view TTA) in 13.6 min. The goals: its accuracy; 27 min, then its 13.6 min.
@@ -80,7 +85,7 @@ def timed(cmd: list[str], log: Path) -> tuple[int, float]:
 def run_variant(name: str, seed: int, args: argparse.Namespace, out: Path) -> dict:
     key = f"{name}-s{seed}"
     run_dir, eval_dir = out / "runs" / key, out / "eval" / key
-    flags = VARIANTS[name] + args.extra
+    flags = [flag.replace("{out}", str(out)) for flag in VARIANTS[name]] + args.extra
     load = os.getloadavg()[0]
     train_cmd = [sys.executable, "train.py", "--recipe", "fast", "--val-size", "0", "--seed", str(seed),
                  "--data-dir", args.data_dir, "--out", str(run_dir), "--overwrite", *flags]

@@ -23,3 +23,16 @@ def test_a_dry_run_times_both_processes_keeps_the_result_and_draws_it(tiny_cifar
     assert cpu_fast.main(args[:-2]) == 0  # run again: the variant is done, so it is kept, not rerun
     assert "done already, kept" in capsys.readouterr().out
     assert len(json.loads((out / "results.json").read_text())) == 1
+
+
+def test_a_distillation_variant_takes_its_teacher_from_the_recipes_run_in_out(tiny_cifar, tmp_path):
+    out = tmp_path / "bench"
+    args = ["--data-dir", str(tiny_cifar), "--out", str(out), "--dry-run"]
+    assert cpu_fast.main([*args, "--variants", "fast", "fast-kd"]) == 0
+    student = {r["variant"]: r for r in json.loads((out / "results.json").read_text())}["fast-kd"]
+    assert student["train_exit"] == 0 and "tta" in student
+    teacher = str(out / "runs" / "fast-s0" / "learn_rate_consistent_model.pth")
+    assert student["flags"][:2] == ["--teacher", teacher]
+    from checkpoint import load_checkpoint
+    config = load_checkpoint(out / "runs" / "fast-kd-s0" / "last.pth")["config"]
+    assert config["teacher"] == [teacher] and len(config["teacher_sha256"][0]) == 64
