@@ -87,6 +87,7 @@ def measure(name: str, args: argparse.Namespace, out: Path) -> dict:
     report = json.loads((out / "eval" / name / "report.json").read_text())
     result.update(plain=report["accuracy"], tta=report["tta"]["accuracy"])
     onnx = out / "onnx" / f"{name}.onnx"
+    onnx.parent.mkdir(parents=True, exist_ok=True)  # export.py writes into a folder that is there
     code, seconds = timed(["export.py", str(ckpt), "--format", "onnx", "--out", str(onnx), "--data-dir",
                            args.data_dir, *args.export_extra], out / "logs" / f"{name}-export.log")
     result.update(export_exit=code, export_s=round(seconds, 1), onnx=str(onnx) if code == 0 else None)

@@ -31,6 +31,7 @@ def test_a_dry_run_prunes_fine_tunes_with_the_parent_as_teacher_times_and_draws(
     results = {r["item"]: r for r in json.loads((out / "results.json").read_text())}
     assert list(results) == ["parent", "oneshot-0.5-l1", "prune-0.25-group-kd"]
     base = results["parent"]
+    assert base["eval_exit"] == base["export_exit"] == 0 and base["params"] == 4_903_242
     for name, kept in (("oneshot-0.5-l1", 0.5), ("prune-0.25-group-kd", 0.25)):
         r = results[name]
         assert r["prune_exit"] == r["eval_exit"] == r["export_exit"] == 0
