@@ -19,7 +19,7 @@ from matplotlib.ticker import MaxNLocator
 from writes import replaced
 
 
-def _save(fig: Figure, path: Path) -> Path:
+def save_figure(fig: Figure, path: Path) -> Path:
     """Write the figure as PNG through a temporary file; a failed write raises writes.WriteError."""
     fig.tight_layout()
     with replaced(path, "the figure") as tmp:
@@ -131,7 +131,7 @@ def save_curves(history: Sequence[dict], out_dir: str | os.PathLike, eval_name: 
     for metric, (_, name) in _CURVES.items():
         fig = Figure(figsize=(6, 4))
         draw_curve(fig.subplots(), history, metric, eval_name)
-        paths.append(_save(fig, Path(out_dir) / name))
+        paths.append(save_figure(fig, Path(out_dir) / name))
     return paths
 
 
@@ -141,7 +141,7 @@ def save_confusion_matrix(cm: np.ndarray, classes: Sequence[str], path: str | os
     fig = Figure(figsize=(7, 6))
     ax = fig.subplots()
     fig.colorbar(draw_confusion_matrix(ax, cm, classes, normalize), ax=ax, fraction=0.046)
-    return _save(fig, Path(path))
+    return save_figure(fig, Path(path))
 
 
 def save_per_class_accuracy(acc: Sequence[float], classes: Sequence[str], path: str | os.PathLike,
@@ -149,21 +149,21 @@ def save_per_class_accuracy(acc: Sequence[float], classes: Sequence[str], path: 
     """A bar per class (accuracy in %), with the overall accuracy as a line."""
     fig = Figure(figsize=(7, 4))
     draw_per_class_accuracy(fig.subplots(), acc, classes, overall)
-    return _save(fig, Path(path))
+    return save_figure(fig, Path(path))
 
 
 def save_reliability_diagram(bins: Sequence[Mapping], ece: float, path: str | os.PathLike) -> Path:
     """The reliability diagram of `draw_reliability` on its own."""
     fig = Figure(figsize=(6, 5))
     draw_reliability(fig.subplots(), bins, ece)
-    return _save(fig, Path(path))
+    return save_figure(fig, Path(path))
 
 
 def save_robustness(clean: float, accuracy: Mapping[str, Sequence[float]], path: str | os.PathLike) -> Path:
     """The accuracy-against-severity plot of `draw_robustness` on its own."""
     fig = Figure(figsize=(6, 4.5))
     draw_robustness(fig.subplots(), clean, accuracy)
-    return _save(fig, Path(path))
+    return save_figure(fig, Path(path))
 
 
 def save_image_grid(images: np.ndarray, captions: Sequence[str], path: str | os.PathLike, title: str,
@@ -180,7 +180,7 @@ def save_image_grid(images: np.ndarray, captions: Sequence[str], path: str | os.
     if not len(images):
         axes[0].text(0.5, 0.5, "nothing to show", ha="center", va="center", transform=axes[0].transAxes)
     fig.suptitle(title)
-    return _save(fig, Path(path))
+    return save_figure(fig, Path(path))
 
 
 def save_summary(path: str | os.PathLike, *, history: Sequence[dict] | None, eval_name: str, cm: np.ndarray,
@@ -203,7 +203,7 @@ def save_summary(path: str | os.PathLike, *, history: Sequence[dict] | None, eva
     else:
         _note(axes[1, 2], "robustness not measured (--no-robustness)", "accuracy under corruption")
     fig.suptitle(title, fontsize=14)
-    return _save(fig, Path(path))
+    return save_figure(fig, Path(path))
 
 
 def save_run_comparison(histories: Mapping[str, Sequence[dict]], path: str | os.PathLike,
@@ -221,4 +221,4 @@ def save_run_comparison(histories: Mapping[str, Sequence[dict]], path: str | os.
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    return _save(fig, Path(path))
+    return save_figure(fig, Path(path))

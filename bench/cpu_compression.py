@@ -155,10 +155,9 @@ def plot(results: list[dict], path: Path) -> None:
     ax.set_title("Pruned ResNet9 on the CIFAR-10 JPEG proxy", fontsize=9)
     ax.legend(fontsize=8, loc="lower right")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
+    from plots import save_figure
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    print(f"wrote {path}")
+    print(f"wrote {save_figure(fig, path)}")
 
 
 def main(argv: list[str] | None = None) -> int:

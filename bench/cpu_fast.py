@@ -135,10 +135,10 @@ def plot(results: list[dict], path: Path) -> None:
     ax.set_title(f"ResNet9 fast recipe on the CIFAR-10 JPEG proxy, 2 CPU cores\n{'; '.join(cpus)}", fontsize=9)
     ax.legend(fontsize=8, loc="lower right")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
+    sys.path.insert(0, str(ROOT))  # plots.py, the project's figure writer (whole or not at all)
+    from plots import save_figure
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    print(f"wrote {path}")
+    print(f"wrote {save_figure(fig, path)}")
 
 
 def main(argv: list[str] | None = None) -> int:
