@@ -15,9 +15,11 @@ from every layer they touch. The classes (the linear layer's outputs) are never 
 --flops F keeps the fraction F of the given checkpoint's MACs (multiply-accumulates, as
 `torch_pruning.utils.count_ops_and_params` counts them for one 32x32 image). Pruning is done in
 --steps K steps; step k keeps F**(k/K) of them (each step removes the same share of what is left).
-Every step scales the network's eight widths by one factor, found by bisection so that the MACs
-reached are the nearest to the step's budget, and removes from each coupled group of channels the
-ones --importance ranks lowest. --finetune-epochs N is the total fine-tuning, split evenly over
+Every step scales the checkpoint's eight widths by one factor, each width rounded to a multiple of
+--round-to (default 16, the channel blocks that onnxruntime's and oneDNN's fast convolutions work
+on: a 50% network of widths 45, 90, 181, 362 runs no faster there than the unpruned one), the
+factor found by bisection so that the MACs reached are the nearest to the step's budget, and
+removes from each coupled group of channels the ones --importance ranks lowest. --finetune-epochs N is the total fine-tuning, split evenly over
 the steps (the later steps get the remainder): after each step with epochs of its own, train.py's
 `fit` trains the pruned network from its pruned weights, in DIR/step-k/ (--finetune-dir), as an
 ordinary run: checkpoints, history, curves; `python train.py --resume DIR/step-k/last.pth`
@@ -32,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import sys
 from collections.abc import Callable
@@ -113,17 +116,29 @@ def macs_of_widths(widths: list[int], num_classes: int, activation: str) -> int:
         return macs_and_params(resnet9(num_classes, activation, widths))[0]
 
 
-def target_widths(widths: list[int], target_macs: float, num_classes: int, activation: str) -> list[int]:
-    """`widths` scaled by the one factor whose rounded widths come nearest to `target_macs`."""
-    def scaled(factor: float) -> list[int]:
-        return [max(1, round(w * factor)) for w in widths]
-    count = lambda factor: macs_of_widths(scaled(factor), num_classes, activation)
+def target_widths(base: list[int], current: list[int], target_macs: float, num_classes: int, activation: str,
+                  round_to: int = 1) -> list[int]:
+    """The widths nearest to `target_macs`: the parent's widths `base` scaled by one factor (found by
+    bisection), then each rounded down or up to a multiple of `round_to` (at least one multiple, at
+    most the `current` width), the ups chosen one at a time while they bring the MACs nearer."""
+    count = lambda widths: macs_of_widths(widths, num_classes, activation)
+    fit = lambda w, now: min(now, max(round_to, w))
+    scaled = lambda factor: [fit(round(w * factor), now) for w, now in zip(base, current)]
     low, high = 0.0, 1.0  # MACs grow with the factor: count(low) <= target <= count(high)
     for _ in range(BISECTIONS):
         middle = (low + high) / 2
-        low, high = (middle, high) if count(middle) <= target_macs else (low, middle)
-    best = min((low, high), key=lambda f: abs(count(f) - target_macs))
-    return scaled(best)
+        low, high = (middle, high) if count(scaled(middle)) <= target_macs else (low, middle)
+    factor = min((low, high), key=lambda f: abs(count(scaled(f)) - target_macs))
+    if round_to == 1:
+        return scaled(factor)
+    widths = [fit(round_to * math.floor(w * factor / round_to), now) for w, now in zip(base, current)]
+    ups = [fit(round_to * math.ceil(w * factor / round_to), now) for w, now in zip(base, current)]
+    while True:
+        tries = [widths[:i] + [ups[i]] + widths[i + 1:] for i in range(len(widths)) if widths[i] < ups[i]]
+        best = min(tries, key=lambda t: abs(count(t) - target_macs), default=None)
+        if best is None or abs(count(best) - target_macs) >= abs(count(widths) - target_macs):
+            return widths
+        widths = best
 
 
 def width_slots(model: ResNet) -> dict[nn.Module, int]:
@@ -207,15 +222,17 @@ def run(args: argparse.Namespace, rest: list[str]) -> int:
     finetune_dir = Path(args.finetune_dir or out.with_name(f"{out.stem}-finetune"))
     base_macs, base_params = macs_and_params(model)
     record = {"parent": str(source), "parent_sha256": file_sha256(source), "importance": args.importance,
-              "flops": args.flops, "steps": args.steps, "finetune_epochs": args.finetune_epochs,
+              "flops": args.flops, "steps": args.steps, "round_to": args.round_to,
+              "finetune_epochs": args.finetune_epochs,
               "parent_macs": base_macs, "parent_params": base_params, "step_widths": []}
     print(f"{source}: {base_params:,} parameters, {base_macs / 1e6:.1f} M MACs per image, widths "
           f"{','.join(map(str, widths_of(model)))}; keeping {100 * args.flops:g}% of the MACs in {args.steps} "
           f"step(s), {args.importance} importance, {args.finetune_epochs} epoch(s) of fine-tuning")
     kept = None  # the last fine-tune's best checkpoint (the last step always has epochs when any has)
+    base_widths = widths_of(model)
     for k in range(1, args.steps + 1):
-        widths = target_widths(widths_of(model), base_macs * args.flops ** (k / args.steps), cfg.num_classes,
-                               cfg.activation)
+        widths = target_widths(base_widths, widths_of(model), base_macs * args.flops ** (k / args.steps),
+                               cfg.num_classes, cfg.activation, args.round_to)
         prune_to(model, widths, args.importance)
         macs, params = macs_and_params(model)
         record["step_widths"].append(widths)
@@ -264,6 +281,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--importance", choices=tuple(IMPORTANCES), default="l1",
                    help="what ranks the channels: l1 (weights' L1 norm), bn (BatchNorm scale), group (group "
                         "L2 norm); default l1")
+    p.add_argument("--round-to", type=POSITIVE_INT, default=16,
+                   help="every width a multiple of this (default 16: onnxruntime's and oneDNN's fast kernels "
+                        "work on blocks of 8 or 16 channels; 1: any width)")
     p.add_argument("--finetune-dir", default=None,
                    help="folder of the fine-tunes, one run per step in step-K/ (default: next to --out, "
                         "named after it with -finetune)")

@@ -107,10 +107,11 @@ def test_the_channels_ranked_lowest_go_and_the_network_computes_what_it_did():
     assert (model.layer4[0].bn1.weight != 0).all()  # the zeroed ones are the ones gone
 
 
-@pytest.mark.parametrize("flops", [0.75, 0.5, 0.25])
-def test_the_flops_reached_are_within_5_percent_of_those_asked(trained_run, tmp_path, capsys, flops):
+@pytest.mark.parametrize("flops, round_to", [(0.75, 16), (0.5, 16), (0.25, 16), (0.5, 1), (0.5, 8)])
+def test_the_flops_reached_are_within_5_percent_of_those_asked(trained_run, tmp_path, capsys, flops, round_to):
     out = tmp_path / "pruned.pth"
-    assert prune.main([str(trained_run / train.BEST_NAME), "--flops", str(flops), "--out", str(out)]) == 0
+    assert prune.main([str(trained_run / train.BEST_NAME), "--flops", str(flops), "--out", str(out),
+                       "--round-to", str(round_to)]) == 0
     ckpt = load_checkpoint(out)
     base = tp.utils.count_ops_and_params(resnet9().eval(), torch.zeros(1, 3, 32, 32))[0]
     model = model_from_checkpoint(ckpt, out).eval()
@@ -119,6 +120,9 @@ def test_the_flops_reached_are_within_5_percent_of_those_asked(trained_run, tmp_
     record = ckpt["pruning"]
     assert (record["macs"], record["params"], record["parent_macs"]) == (int(macs), int(params), int(base))
     assert record["widths"] == ckpt["config"]["widths"] == widths_of(model)
+    assert all(w % round_to == 0 for w in record["widths"]) and record["round_to"] == round_to
+    if round_to == 1:  # any width: within a channel or so of the budget
+        assert abs(macs / base - flops) <= 0.01 * flops, macs / base
     assert f"asked {100 * flops:g}%" in capsys.readouterr().out
 
 
@@ -246,3 +250,14 @@ def test_an_out_that_cannot_be_written_is_refused_before_pruning_and_a_failed_wr
     assert code == 1 and err.count("\n") == 1 and "no space left" in err and "Traceback" not in err, err
     assert out.read_bytes() == b"an earlier file"  # the file it would have replaced is kept
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "pruned.pth"]  # no temporary file left
+
+
+def test_every_step_scales_the_parents_widths_and_rounds_them():
+    base = list(STANDARD_WIDTHS)
+    macs = prune.macs_of_widths(base, 10, "relu")
+    first = prune.target_widths(base, base, 0.7 * macs, 10, "relu", round_to=16)
+    second = prune.target_widths(base, first, 0.5 * macs, 10, "relu", round_to=16)
+    assert all(w % 16 == 0 for w in first + second)
+    assert all(b <= a for a, b in zip(first, second)) and second != first  # never wider than the step before
+    assert second == prune.target_widths(base, base, 0.5 * macs, 10, "relu", round_to=16)  # no drift over steps
+    assert prune.target_widths(base, [8] * 8, 0.9 * macs, 10, "relu", round_to=16) == [8] * 8  # never grows
