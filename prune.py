@@ -19,12 +19,13 @@ Every step scales the checkpoint's eight widths by one factor, each width rounde
 --round-to (default 16, the channel blocks that onnxruntime's and oneDNN's fast convolutions work
 on: a 50% network of widths 45, 90, 181, 362 runs no faster there than the unpruned one), the
 factor found by bisection so that the MACs reached are the nearest to the step's budget, and
-removes from each coupled group of channels the ones --importance ranks lowest. --finetune-epochs N is the total fine-tuning, split evenly over
-the steps (the later steps get the remainder): after each step with epochs of its own, train.py's
-`fit` trains the pruned network from its pruned weights, in DIR/step-k/ (--finetune-dir), as an
-ordinary run: checkpoints, history, curves; `python train.py --resume DIR/step-k/last.pth`
-continues it. The next step prunes that run's best checkpoint. The recipe is the checkpoint's own;
-train.py flags given here change it (and --teacher distils, distill.py).
+removes from each coupled group of channels the ones --importance ranks lowest.
+--finetune-epochs N is the total fine-tuning, split evenly over the steps (the later steps get the
+remainder): after each step with epochs of its own, train.py's `fit` trains the pruned network
+from its pruned weights, in DIR/step-k/ (--finetune-dir), as an ordinary run: checkpoints,
+history, curves; `python train.py --resume DIR/step-k/last.pth` continues it. The next step
+prunes that run's best checkpoint. The recipe is the checkpoint's own; train.py flags given here
+change it (and --teacher distils, distill.py).
 
 --out gets a checkpoint like any other (evaluate.py, export.py and hubconf.py read it), with a
 `pruning` record: the parent and its SHA-256, the criterion, the MACs and parameters asked and
@@ -123,7 +124,7 @@ def target_widths(base: list[int], current: list[int], target_macs: float, num_c
     most the `current` width), the ups chosen one at a time while they bring the MACs nearer."""
     count = lambda widths: macs_of_widths(widths, num_classes, activation)
     fit = lambda w, now: min(now, max(round_to, w))
-    scaled = lambda factor: [fit(round(w * factor), now) for w, now in zip(base, current)]
+    scaled = lambda factor: [fit(round(w * factor), now) for w, now in zip(base, current, strict=True)]
     low, high = 0.0, 1.0  # MACs grow with the factor: count(low) <= target <= count(high)
     for _ in range(BISECTIONS):
         middle = (low + high) / 2
@@ -131,8 +132,8 @@ def target_widths(base: list[int], current: list[int], target_macs: float, num_c
     factor = min((low, high), key=lambda f: abs(count(scaled(f)) - target_macs))
     if round_to == 1:
         return scaled(factor)
-    widths = [fit(round_to * math.floor(w * factor / round_to), now) for w, now in zip(base, current)]
-    ups = [fit(round_to * math.ceil(w * factor / round_to), now) for w, now in zip(base, current)]
+    widths = [fit(round_to * math.floor(w * factor / round_to), now) for w, now in zip(base, current, strict=True)]
+    ups = [fit(round_to * math.ceil(w * factor / round_to), now) for w, now in zip(base, current, strict=True)]
     while True:
         tries = [widths[:i] + [ups[i]] + widths[i + 1:] for i in range(len(widths)) if widths[i] < ups[i]]
         best = min(tries, key=lambda t: abs(count(t) - target_macs), default=None)

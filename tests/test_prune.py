@@ -258,6 +258,6 @@ def test_every_step_scales_the_parents_widths_and_rounds_them():
     first = prune.target_widths(base, base, 0.7 * macs, 10, "relu", round_to=16)
     second = prune.target_widths(base, first, 0.5 * macs, 10, "relu", round_to=16)
     assert all(w % 16 == 0 for w in first + second)
-    assert all(b <= a for a, b in zip(first, second)) and second != first  # never wider than the step before
+    assert all(b <= a for a, b in zip(first, second, strict=True)) and second != first  # never wider
     assert second == prune.target_widths(base, base, 0.5 * macs, 10, "relu", round_to=16)  # no drift over steps
     assert prune.target_widths(base, [8] * 8, 0.9 * macs, 10, "relu", round_to=16) == [8] * 8  # never grows
