@@ -61,7 +61,7 @@ def timed(cmd: list[str], log: Path) -> tuple[int, float]:
 def prune_command(name: str, args: argparse.Namespace, out: Path) -> list[str]:
     m = ITEM.match(name)
     cmd = ["prune.py", args.parent, "--flops", m["flops"], "--importance", m["importance"],
-           "--out", str(out / "pruned" / f"{name}.pth"), "--overwrite"]
+           "--round-to", str(args.round_to), "--out", str(out / "pruned" / f"{name}.pth"), "--overwrite"]
     if m["kind"] == "oneshot":
         return [*cmd, "--steps", "1", "--finetune-epochs", "0"]
     cmd += ["--steps", str(args.steps), "--finetune-epochs", str(args.finetune_epochs), "--data-dir", args.data_dir,
@@ -168,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--items", nargs="+", type=item_name, default=[], help="what to prune and measure, in order")
     p.add_argument("--steps", type=int, default=3, help="pruning steps of prune-* items (default 3)")
     p.add_argument("--finetune-epochs", type=int, default=9, help="fine-tuning epochs in all, prune-* items (9)")
+    p.add_argument("--round-to", type=int, default=16, help="prune.py --round-to: widths a multiple of this (16)")
     p.add_argument("--finetune-flags", default="", help="train.py flags for the fine-tunes, one string")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--throughput", action="store_true", help="measure onnxruntime images/s against the parent")

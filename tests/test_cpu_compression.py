@@ -38,6 +38,7 @@ def test_a_dry_run_prunes_fine_tunes_with_the_parent_as_teacher_times_and_draws(
         assert abs(r["macs"] / base["macs"] - kept) <= 0.05 * kept  # the budget, within 5%
         assert r["params"] < base["params"] and 0 <= r["plain"] <= 100 and 0 <= r["tta"] <= 100
         assert r["ort_speedup"] > 0 and r["ort_parent_images_per_s"] > 0
+        assert all(w % 16 == 0 for w in r["widths"]) and "--round-to 16" in r["command"]
     assert "--teacher" in results["prune-0.25-group-kd"]["command"]  # the parent distils into the fine-tune
     assert "--finetune-epochs 0" in results["oneshot-0.5-l1"]["command"]
     kd = json.loads((out / "pruned" / "prune-0.25-group-kd-finetune" / "step-1" / "history.json").read_text())
