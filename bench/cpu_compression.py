@@ -135,26 +135,37 @@ def plot(results: list[dict], path: Path) -> None:
     parent = next((r for r in results if r["item"] == "parent" and "tta" in r), None)
     if parent is None:
         raise SystemExit("error: no measured parent in results.json to draw against")
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    # Left: every item, the one-shot plummet included; right: the fine-tuned ones, close up, with
+    # the parent's accuracy as a line (they sit within 2 points of it, too close to read on the left).
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
     styles = {"oneshot": ("x", "tab:red", "one-shot, no fine-tuning"),
               "prune": ("o", "tab:blue", "iterative, fine-tuned"),
               "kd": ("s", "tab:green", "iterative, fine-tuned, parent as teacher")}
-    seen = set()
-    for r in results:
-        if "tta" not in r or r is parent:
-            continue
-        kind = "kd" if r["item"].endswith("-kd") else r["item"].split("-")[0]
-        marker, color, label = styles[kind]
-        ax.plot(100 * r["macs"] / parent["macs"], r["tta"], marker, color=color, label=None if kind in seen else label)
-        seen.add(kind)
-        ax.annotate(r["item"], (100 * r["macs"] / parent["macs"], r["tta"]), textcoords="offset points", xytext=(4, 3),
-                    fontsize=7)
-    ax.plot(100, parent["tta"], "*", color="black", markersize=12, label="unpruned parent")
-    ax.set_xlabel("MACs per image, % of the parent's")
-    ax.set_ylabel("held-out accuracy, 6-view TTA (%)")
-    ax.set_title("Pruned ResNet9 on the CIFAR-10 JPEG proxy", fontsize=9)
-    ax.legend(fontsize=8, loc="lower right")
-    ax.grid(alpha=0.3)
+    measured = [r for r in results if "tta" in r and r is not parent]
+    for ax, close_up in zip(axes, (False, True), strict=True):
+        seen = set()
+        for r in measured:
+            kind = "kd" if r["item"].endswith("-kd") else r["item"].split("-")[0]
+            if close_up and kind == "oneshot":
+                continue
+            marker, color, label = styles[kind]
+            x = 100 * r["macs"] / parent["macs"]
+            ax.plot(x, r["tta"], marker, color=color, label=None if kind in seen else label)
+            seen.add(kind)
+            if close_up or kind == "oneshot":  # the fine-tuned ones are named on the right only
+                ax.annotate(r["item"], (x, r["tta"]), textcoords="offset points", fontsize=7,
+                            xytext=(4, -9 if kind == "kd" else 3))
+        ax.plot(100, parent["tta"], "*", color="black", markersize=12, label="unpruned parent")
+        if close_up:
+            ax.axhline(parent["tta"], color="black", lw=0.8, ls="--")
+            ax.set_title("fine-tuned, close up (dashed: the parent)", fontsize=9)
+        else:
+            ax.set_title("Pruned ResNet9 on the CIFAR-10 JPEG proxy", fontsize=9)
+            ax.legend(fontsize=8, loc="center left")
+        ax.set_xlabel("MACs per image, % of the parent's")
+        ax.set_ylabel("held-out accuracy, 6-view TTA (%)")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
     from plots import save_figure
     path.parent.mkdir(parents=True, exist_ok=True)
     print(f"wrote {save_figure(fig, path)}")
