@@ -134,12 +134,15 @@ def target_widths(base: list[int], current: list[int], target_macs: float, num_c
         return scaled(factor)
     widths = [fit(round_to * math.floor(w * factor / round_to), now) for w, now in zip(base, current, strict=True)]
     ups = [fit(round_to * math.ceil(w * factor / round_to), now) for w, now in zip(base, current, strict=True)]
+    gap = lambda t: abs(count(t) - target_macs)
+    now = gap(widths)
     while True:
-        tries = [widths[:i] + [ups[i]] + widths[i + 1:] for i in range(len(widths)) if widths[i] < ups[i]]
-        best = min(tries, key=lambda t: abs(count(t) - target_macs), default=None)
-        if best is None or abs(count(best) - target_macs) >= abs(count(widths) - target_macs):
+        tries = [(gap(t), t) for i in range(len(widths)) if widths[i] < ups[i]
+                 for t in [widths[:i] + [ups[i]] + widths[i + 1:]]]
+        best = min(tries, key=lambda x: x[0], default=None)
+        if best is None or best[0] >= now:
             return widths
-        widths = best
+        now, widths = best
 
 
 def width_slots(model: ResNet) -> dict[nn.Module, int]:
