@@ -125,24 +125,23 @@ def target_widths(base: list[int], current: list[int], target_macs: float, num_c
     count = lambda widths: macs_of_widths(widths, num_classes, activation)
     fit = lambda w, now: min(now, max(round_to, w))
     scaled = lambda factor: [fit(round(w * factor), now) for w, now in zip(base, current, strict=True)]
+    gap = lambda widths: abs(count(widths) - target_macs)
     low, high = 0.0, 1.0  # MACs grow with the factor: count(low) <= target <= count(high)
     for _ in range(BISECTIONS):
         middle = (low + high) / 2
         low, high = (middle, high) if count(scaled(middle)) <= target_macs else (low, middle)
-    factor = min((low, high), key=lambda f: abs(count(scaled(f)) - target_macs))
+    factor = min((low, high), key=lambda f: gap(scaled(f)))
     if round_to == 1:
         return scaled(factor)
     widths = [fit(round_to * math.floor(w * factor / round_to), now) for w, now in zip(base, current, strict=True)]
     ups = [fit(round_to * math.ceil(w * factor / round_to), now) for w, now in zip(base, current, strict=True)]
-    gap = lambda t: abs(count(t) - target_macs)
-    now = gap(widths)
+    off = gap(widths)
     while True:
-        tries = [(gap(t), t) for i in range(len(widths)) if widths[i] < ups[i]
-                 for t in [widths[:i] + [ups[i]] + widths[i + 1:]]]
-        best = min(tries, key=lambda x: x[0], default=None)
-        if best is None or best[0] >= now:
+        tries = [widths[:i] + [ups[i]] + widths[i + 1:] for i in range(len(widths)) if widths[i] < ups[i]]
+        off_best, best = min(((gap(t), t) for t in tries), key=lambda x: x[0], default=(off, None))
+        if best is None or off_best >= off:
             return widths
-        now, widths = best
+        off, widths = off_best, best
 
 
 def width_slots(model: ResNet) -> dict[nn.Module, int]:
