@@ -166,8 +166,9 @@ class TrainConfig:
     data_dir: str = _field("data", "folder holding cifar-10-batches-py/ (downloaded there if absent)", str)
     out: str = _field("model", "folder for checkpoints, history and plots", str)
     device: str = _field("auto", "auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps", DEVICE)
-    workers: int = _field(-1, "DataLoader worker processes of the torchvision loader (auto; 0: in the main "
-                          "process)", WORKERS)
+    workers: int = _field(-1, "DataLoader worker processes of the torchvision loader (auto: up to 8 on a GPU, 1 on "
+                          "the CPU) and of the device loader's --augment policy (auto: on a GPU, the cores but one "
+                          "per process; on the CPU none, in line); 0: in the main process", WORKERS)
     dist_timeout: float = _field(600.0, "seconds a process waits for the others before the job fails", SECONDS)
     tensorboard: str = _field("", "write TensorBoard logs to this folder; given without one: runs/<run id> "
                               "(docs/tensorboard.md)", str, nargs="?", const="auto", shown="off")

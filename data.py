@@ -364,6 +364,9 @@ class _EpochBatches:
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
         self.sampler.set_epoch(epoch, start_step * self.batch_size)
 
+    def close(self) -> None:
+        """Release what the loader holds beyond its data (the device loader's policy workers)."""
+
     def _sized(self, batches: Iterator[tuple[torch.Tensor, torch.Tensor]]) -> Iterator[tuple[torch.Tensor, ...]]:
         for x, y in batches:
             yield resize_batch(x, self.resolution), y
@@ -497,8 +500,9 @@ def augment_batch(images: torch.Tensor, top: torch.Tensor, left: torch.Tensor, f
 def apply_policy(images: torch.Tensor, seeds: list[int], policy: v2.Transform) -> torch.Tensor:
     """`policy` applied to each uint8 3 x 32 x 32 image (on the CPU) with its random draws seeded by
     its own seed, so that an image's augmentation depends on nothing but (run seed, epoch, index).
-    One image at a time, as TrivialAugment draws per image: about 0.1 ms each on one core (4 s per
-    epoch of 40,000 images); torchvision's batched call would give a whole batch the same operation.
+    One image at a time, as TrivialAugment draws per image: 0.1-0.4 ms each on one core (4-16 s per
+    epoch of 40,000 images; policy_workers.py spreads it over processes on a GPU machine);
+    torchvision's batched call would give a whole batch the same operation.
     The caller's random state is left as it was."""
     out = torch.empty_like(images)
     with torch.random.fork_rng(devices=[]):
@@ -508,7 +512,8 @@ def apply_policy(images: torch.Tensor, seeds: list[int], policy: v2.Transform) -
     return out
 
 
-def _policy_seeds(seed: int, epoch: int, indices: list[int]) -> list[int]:
+def policy_seeds(seed: int, epoch: int, indices: list[int]) -> list[int]:
+    """The seed of each image's policy draw in `epoch`: one per (run seed, epoch, image index)."""
     return [mix_seed(seed, epoch, i, 1) for i in indices]  # the 1: a stream apart from the sampler's
 
 
@@ -521,7 +526,7 @@ def augmented_examples(images: np.ndarray, seed: int, rotation: float = 10.0, n:
     x = to_device_images(images[:n], torch.device("cpu"))
     transform = policy_transform(policy)
     if transform is not None:
-        x = apply_policy(x, _policy_seeds(seed, 1, list(range(len(x)))), transform)
+        x = apply_policy(x, policy_seeds(seed, 1, list(range(len(x)))), transform)
     return augment_batch(x, **{k: v[:n] for k, v in params.items()}, cutout=cutout)
 
 
@@ -533,7 +538,8 @@ class DeviceLoader(_EpochBatches):
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, batch_size: int, *, seed: int,
                  device: torch.device, rank: int = 0, world_size: int = 1, rotation: float = 10.0,
-                 epoch_chunk: int | None = None, cutout: int = 0, policy: str = "none", flip: str = "random") -> None:
+                 epoch_chunk: int | None = None, cutout: int = 0, policy: str = "none", flip: str = "random",
+                 policy_workers: int = 0) -> None:
         self.batch_size, self.rotation, self.cutout, self.device = batch_size, rotation, cutout, device
         if flip not in FLIPS:
             raise ValueError(f"unknown flip {flip!r}; known: {', '.join(FLIPS)}")
@@ -550,6 +556,13 @@ class DeviceLoader(_EpochBatches):
         # tiny launches), from a host copy; on the CPU that copy is the same tensor.
         self.host_images = self.images if device.type == "cpu" or self.policy is None else \
             to_device_images(images, torch.device("cpu"))
+        # policy_workers > 0: the policy of a whole epoch, in that many processes, an epoch ahead.
+        self.policy_epochs = None
+        if self.policy is not None and policy_workers > 0:
+            from policy_workers import PolicyEpochs  # imported here: it builds on this module
+            self.policy_epochs = PolicyEpochs(self.host_images, seed, policy, policy_workers,
+                                              pin_memory=device.type == "cuda")
+        self._epoch_images: torch.Tensor | None = None
         self.labels = torch.from_numpy(labels).to(device)
         self.sampler = EpochSampler(len(images), seed, rank, world_size)
 
@@ -557,15 +570,24 @@ class DeviceLoader(_EpochBatches):
         """The images `idx` before the crop, flip and cutout: with the policy applied, if any."""
         if self.policy is None:
             return self.images[idx]
+        if self._epoch_images is not None:
+            return self._epoch_images[idx]
         cpu_idx = idx.cpu()
-        seeds = _policy_seeds(self.sampler.seed, self.sampler.epoch, cpu_idx.tolist())
+        seeds = policy_seeds(self.sampler.seed, self.sampler.epoch, cpu_idx.tolist())
         return apply_policy(self.host_images[cpu_idx], seeds, self.policy).to(self.device, non_blocking=True)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         return self._sized(self._batches())
 
+    def close(self) -> None:
+        """Stop the policy's worker processes, if any."""
+        if self.policy_epochs is not None:
+            self.policy_epochs.close()
+
     def _batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         order = torch.tensor(self.sampler.indices(), dtype=torch.long).to(self.device)
+        if self.policy_epochs is not None:
+            self._epoch_images = self.policy_epochs.epoch(self.sampler.epoch).to(self.device, non_blocking=True)
         generator = torch.Generator().manual_seed(mix_seed(self.sampler.seed, self.sampler.epoch))
         params = augment_params(len(self.images), generator, self.rotation, self.cutout)
         if self.alternate_flips:

@@ -56,6 +56,7 @@ from ema import WeightAverage
 from evaluate import SELECTION_KEYS, evaluate, predict
 from model import build_model
 from optim import make_optimizer
+from policy_workers import default_policy_workers
 from runtime import (
     Distributed,
     StopFlag,
@@ -372,7 +373,9 @@ def build_loaders(cfg: TrainConfig, device: torch.device, dist: Distributed):
               "rotation": cfg.rotation, "policy": cfg.augment}
     images, labels, local_batch = data.train_images[train_idx], data.train_labels[train_idx], \
         cfg.batch_size // dist.world_size
-    loader = (DeviceLoader(images, labels, local_batch, cutout=cfg.cutout, flip=cfg.flip, **common) if on_device
+    policy_workers = default_policy_workers(device, dist.world_size) if cfg.workers == -1 else cfg.workers
+    loader = (DeviceLoader(images, labels, local_batch, cutout=cfg.cutout, flip=cfg.flip,
+                           policy_workers=policy_workers, **common) if on_device
               else TorchvisionLoader(images, labels, local_batch, workers=workers, **common))
     sel_loader = make_eval_loader(sel_images, sel_labels, EVAL_BATCH, workers=workers, device=device,
                                   rank=dist.rank, world_size=dist.world_size, on_device=on_device)
@@ -384,7 +387,8 @@ def build_loaders(cfg: TrainConfig, device: torch.device, dist: Distributed):
                  f"selecting on {len(sel_labels)} {sel_name} images"
                  f"{' (the paper protocol: optimistic)' if not cfg.val_size else ''}{every}")
     summary = (f"training {cfg.arch}{activation} on {len(train_idx)} images, {selecting}; "
-               f"{cfg.loader} loader{'' if on_device else f' with {workers} worker(s)'}{policy}")
+               f"{cfg.loader} loader{'' if on_device else f' with {workers} worker(s)'}{policy}"
+               f"{f' in {policy_workers} worker(s)' if on_device and policy and policy_workers else ''}")
     examples = functools.partial(augmented_examples, images[:64], cfg.seed, cfg.rotation, cutout=cfg.cutout,
                                  policy=cfg.augment)
     return loader, sel_loader, sel_name, summary, examples
@@ -717,7 +721,7 @@ def fit(cfg: TrainConfig, *, resume: str | None = None, resume_ckpt: dict | None
     epoch's selection accuracy there, and stops a trial that falls behind by raising). A new run
     starts from `initial_weights` when given (prune.py fine-tunes a pruned network so)."""
     run = start_run(cfg, resume, resume_ckpt, overwrite, dist or Distributed(), device, initial_weights)
-    with StopFlag() as stop, contextlib.closing(run.tb), run.telling_failed_writes():
+    with StopFlag() as stop, contextlib.closing(run.tb), contextlib.closing(run.loader), run.telling_failed_writes():
         while run.progress.epoch < run.cfg.epochs:
             epoch = run.progress.epoch + 1
             step, totals, seconds = train_epoch(run, epoch, stop)

@@ -12,8 +12,9 @@ import train
 from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from config import RECIPES, fresh_config
 from conftest import synthetic_images, tiny_train_args
-from data import DeviceLoader, TorchvisionLoader, apply_policy, augmented_examples, policy_transform
+from data import DeviceLoader, TorchvisionLoader, apply_policy, augmented_examples, policy_seeds, policy_transform
 from model import ACTIVATIONS, build_model, count_parameters, resnet9
+from policy_workers import PolicyEpochs, default_policy_workers
 
 CPU = torch.device("cpu")
 
@@ -90,6 +91,53 @@ def test_device_loader_with_the_policy_is_seeded_resumable_and_the_same_per_rank
         assert torch.equal(torch.stack([ranks[0][step], ranks[1][step]], 1).reshape(x.shape), x)
     shown = augmented_examples(images[:8], 0, 0.0, n=8, cutout=8, policy="trivialaugment")
     assert shown.dtype == torch.uint8 and shown.shape == (8, 3, 32, 32)
+
+
+def test_policy_workers_give_the_pixels_of_the_policy_in_line():
+    images = _images(23)
+    host = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
+    policy = policy_transform("trivialaugment")
+    pool = PolicyEpochs(host, 3, "trivialaugment", 2, chunk=5)  # 5 chunks, the last one short
+    try:
+        for e in (1, 2, 4, 2):  # in order (prefetched), a skip and a step back (the workers start again)
+            want = apply_policy(host, policy_seeds(3, e, list(range(23))), policy)
+            assert torch.equal(pool.epoch(e), want)
+    finally:
+        pool.close()
+    with pytest.raises(ValueError, match="at least one worker"):
+        PolicyEpochs(host, 3, "trivialaugment", 0)
+    assert default_policy_workers(CPU) == 0
+
+
+def test_device_loader_with_policy_workers_hands_out_the_same_batches():
+    images, labels = _images(32), np.arange(32) % 10
+    common = {"seed": 0, "device": CPU, "rotation": 0.0, "cutout": 8, "policy": "trivialaugment"}
+
+    def epochs(loader, plan):
+        out = []
+        for e, start in plan:
+            loader.set_epoch(e, start)
+            out += [x for x, _ in loader]
+        loader.close()
+        return out
+
+    plan = [(1, 0), (2, 0), (3, 2), (5, 0)]  # a resume in the middle of epoch 3, then a skipped epoch
+    inline = epochs(DeviceLoader(images, labels, 8, **common), plan)
+    pooled = epochs(DeviceLoader(images, labels, 8, policy_workers=2, **common), plan)
+    assert len(inline) == 4 + 4 + 2 + 4
+    assert all(torch.equal(a, b) for a, b in zip(inline, pooled, strict=True))
+
+
+def test_a_run_with_policy_workers_trains_the_same_weights(tiny_cifar, tmp_path, capsys):
+    runs = {}
+    for workers in ("0", "2"):  # tiny_train_args says --workers 0; the later flag wins
+        out = tmp_path / f"w{workers}"
+        assert train.main(tiny_train_args(tiny_cifar, out, "--recipe", "best", "--epochs", "1", "--batch-size", "32",
+                                          "--val-size", "0", "--workers", workers)) == 0
+        runs[workers] = load_checkpoint(out / train.LAST_NAME)["model"]
+        first = capsys.readouterr().out.splitlines()[0]
+        assert ("trivialaugment in 2 worker(s)" in first) == (workers == "2")
+    assert all(torch.equal(runs["0"][k], runs["2"][k]) for k in runs["0"])
 
 
 def test_torchvision_loader_applies_the_policy():
