@@ -3,6 +3,7 @@
     python bench/gpu_run.py --out /tmp/gpu --data-dir /tmp/cifar10     # on a CUDA machine, ~8 min
     python bench/gpu_run.py --out /tmp/gpu --resume-from /tmp/gpu      # continue what did not finish
     python bench/gpu_run.py --out /tmp/dry --data-dir D --dry-run       # every stage on the CPU, tiny
+    python bench/gpu_run.py --out /tmp/gpu --stages data best paper_test activations   # the accuracy runs
 
 Stages, in order, each in its own process with its log under OUT/logs/, each given a share of the
 time budget (--budget seconds in all) so that it ends cleanly and the next one still runs:
@@ -17,7 +18,15 @@ time budget (--budget seconds in all) so that it ends cleanly and the next one s
    reaches the end of its share is stopped with SIGTERM, which saves last.pth, and --resume-from
    continues it; then evaluate.py on its best checkpoint;
 6. reading: the paper's recipe with the other reading of its best-weights reload (as many epochs as
-   the time left allows, up to 100), evaluated the same way, and both runs' curves in one figure.
+   the time left allows, up to 100), evaluated the same way, and both runs' curves in one figure;
+and, asked for by name (--stages):
+7. best: `train.py --recipe best` for 3 seeds (all training images, the last epoch kept, the held-out
+   test_batch seen once, at the end), each then evaluate.py plain and with 6-view TTA: mean ± std;
+8. paper_test: the paper's recipe under the paper's own protocol: all training images, `--val-size 0`,
+   the best epoch picked on test_batch (reported as selected on the test set: optimistic);
+9. activations: the fast recipe with each --activation, seed by seed (every activation's seed 0,
+   then seed 1, ...) for as long as the stage's share lasts: mean ± std per activation.
+Each stage gets an equal share of what is left of the budget, the stages after it counted.
 OUT/report.md holds every figure in one table with the GPU, driver, CUDA and torch versions;
 OUT/report.json the same numbers; everything else a stage wrote stays under OUT.
 """
@@ -38,6 +47,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 FAST_SEEDS = (0, 1, 2)
+BEST_SEEDS = (0, 1, 2)
+ACTIVATION_SEEDS = (0, 1, 2)
+DEFAULT_STAGES = ("data", "tests", "bench", "fast", "paper", "reading", "bench_compile")
+STAGES = (*DEFAULT_STAGES, "best", "paper_test", "activations")
 FAST_TARGET = 94.0  # held-out accuracy (%) whose time is reported for the fast recipe
 GOALS = {"paper_train_seconds": 120.0, "default_over_reference": 8.0, "fast_seconds_to_target": 15.0}
 OUTCOMES = ("PASSED", "FAILED", "ERROR", "SKIPPED")
@@ -56,6 +69,9 @@ class Plan:
     fast_extra: list[str] = field(default_factory=list)  # and to the fast recipe's runs
     eval_extra: list[str] = field(default_factory=list)
     caps: dict = field(default_factory=dict)  # most seconds a stage may take
+    best_extra: list[str] = field(default_factory=list)  # train.py flags added to the best recipe's runs
+    best_seeds: tuple[int, ...] = BEST_SEEDS
+    activation_seeds: tuple[int, ...] = ACTIVATION_SEEDS
 
     @staticmethod
     def for_run(dry_run: bool) -> Plan:
@@ -63,7 +79,8 @@ class Plan:
             return Plan("cpu", 2, 1, ["--steps", "2", "--repeats", "1", "--eval-images", "100"],
                         ["--val-size", "20", "--workers", "0"], ["--workers", "0", "--batch-size", "64"],
                         ["--limit", "100", "--no-robustness"],
-                        {"data": 120, "tests": 120, "bench": 150, "bench_compile": 0, "fast": 150})
+                        {"data": 120, "tests": 120, "bench": 150, "bench_compile": 0, "fast": 150},
+                        ["--epochs", "1", "--batch-size", "64", "--workers", "0"], (0, 1), (0,))
         return Plan("cuda", 100, None, ["--steps", "200", "--repeats", "3"], [], [], [],
                     {"data": 90, "tests": 180, "bench": 90, "bench_compile": 100, "fast": 120})
 
@@ -261,13 +278,13 @@ def stage_fast(args, plan: Plan, out: Path, clock: Clock) -> dict:
     return result
 
 
-def _evaluate(args, plan: Plan, out: Path, clock: Clock, run_dir: Path, name: str) -> dict:
+def _evaluate(args, plan: Plan, out: Path, clock: Clock, run_dir: Path, name: str, tta: bool = False) -> dict:
     best = run_dir / "learn_rate_consistent_model.pth"
     if not best.is_file():
         return {"status": "failed", "error": f"{best} was not written"}
     eval_dir = out / f"{name}-eval"
     cmd = [sys.executable, str(ROOT / "evaluate.py"), str(best), "--data-dir", args.data_dir, "--out-dir",
-           str(eval_dir), "--device", plan.device, *plan.eval_extra]
+           str(eval_dir), "--device", plan.device, *plan.eval_extra, *(["--tta", "--no-robustness"] if tta else [])]
     code, seconds = run_logged(cmd, out / "logs" / f"{name}-eval.log", max(30.0, min(300.0, clock.left())))
     try:
         report = json.loads((eval_dir / "report.json").read_text())
@@ -275,10 +292,12 @@ def _evaluate(args, plan: Plan, out: Path, clock: Clock, run_dir: Path, name: st
         return {"status": "failed", "seconds": round(seconds, 1), "error": tail(out / "logs" / f"{name}-eval.log")}
     return {"status": "ok" if code == 0 else "failed", "seconds": round(seconds, 1),
             "heldout_acc": report.get("accuracy"), "heldout_loss": report.get("loss"),
-            "ece": report.get("calibration", {}).get("ece"), "n": report.get("n")}
+            "ece": report.get("calibration", {}).get("ece"), "n": report.get("n"),
+            **({"heldout_tta_acc": (report.get("tta") or {}).get("accuracy")} if tta else {})}
 
 
-def _train_paper(args, plan: Plan, out: Path, clock: Clock, name: str, flags: list[str], epochs: int) -> dict:
+def _train_paper(args, plan: Plan, out: Path, clock: Clock, name: str, flags: list[str], epochs: int,
+                 timeout: float | None = None) -> dict:
     run_dir = out / name
     last = run_dir / "last.pth"
     if last.is_file():  # a run an earlier command stopped: continue it
@@ -286,8 +305,9 @@ def _train_paper(args, plan: Plan, out: Path, clock: Clock, name: str, flags: li
                "--epochs", str(epochs)]
     else:
         cmd = [sys.executable, str(ROOT / "train.py"), "--data-dir", args.data_dir, "--seed", "0",
-               "--out", str(run_dir), "--device", plan.device, "--epochs", str(epochs), *flags, *plan.paper_extra]
-    code, seconds = run_logged(cmd, out / "logs" / f"{name}.log", clock.left() - EVAL_RESERVE)
+               "--out", str(run_dir), "--device", plan.device, "--epochs", str(epochs), *plan.paper_extra, *flags]
+    code, seconds = run_logged(cmd, out / "logs" / f"{name}.log",
+                               clock.left() - EVAL_RESERVE if timeout is None else timeout)
     history = read_history(run_dir / "history.json")
     best = max((h for h in history if h["val_acc"] is not None), key=lambda h: h["val_acc"], default=None)
     result = {"status": "ok" if code == 0 and len(history) >= epochs else "partial" if history else "failed",
@@ -339,6 +359,113 @@ def stage_reading(args, plan: Plan, out: Path, clock: Clock, paper: dict) -> dic
     return result
 
 
+# Shares of the budget for the stages that have no fixed cap: each gets its weight's part of what is
+# left when it starts, counting the weighted stages still to come.
+SHARE_WEIGHTS = {"best": 4.0, "paper_test": 2.0, "activations": 3.0}
+
+
+def share(clock: Clock, name: str, queue: list[str]) -> float:
+    weights = sum(SHARE_WEIGHTS[n] for n in queue if n in SHARE_WEIGHTS)
+    return max(0.0, clock.left() - EVAL_RESERVE) * SHARE_WEIGHTS[name] / weights
+
+
+def _recipe_run(args, plan: Plan, out: Path, clock: Clock, name: str, flags: list[str], timeout: float,
+                kept: dict | None) -> dict:
+    """One train.py run, then evaluate.py plain and with TTA. A run an earlier command finished is
+    kept as it was; one it stopped is continued from its last.pth."""
+    if kept and kept.get("exit") == 0 and kept.get("evaluation", {}).get("status") == "ok":
+        return kept
+    run_dir, log = out / name, out / "logs" / f"{name}.log"
+    if kept is not None and (run_dir / "last.pth").is_file():
+        cmd = [sys.executable, str(ROOT / "train.py"), "--resume", str(run_dir / "last.pth"), "--data-dir",
+               args.data_dir]
+    else:
+        cmd = [sys.executable, str(ROOT / "train.py"), "--data-dir", args.data_dir, "--out", str(run_dir),
+               "--device", plan.device, "--overwrite", *flags]
+    start = time.monotonic()
+    code, seconds = run_logged(cmd, log, timeout)
+    history = read_history(run_dir / "history.json")
+    if code not in (0, None) and not history and plan.device == "cuda" and "--resume" not in cmd:
+        # Not even one epoch: once more without the CUDA graph (as stage_paper does); the log keeps both.
+        code, _ = run_logged([*cmd, "--no-cuda-graph"], log, timeout - (time.monotonic() - start))
+        seconds, history = time.monotonic() - start, read_history(run_dir / "history.json")
+    result = {"exit": code, "wall_seconds": round(seconds, 1), "epochs": len(history),
+              "train_seconds": round(sum(h.get("train_seconds", h["seconds"]) for h in history), 1)}
+    if code == 0:
+        result["evaluation"] = _evaluate(args, plan, out, clock, run_dir, name, tta=True)
+    else:
+        result["error"] = tail(log)
+    return result
+
+
+def _accuracies(runs: list[dict]) -> dict:
+    """Mean and std over the finished runs of held-out accuracy, plain and with TTA."""
+    import statistics
+    done = [r["evaluation"] for r in runs if r.get("exit") == 0 and r.get("evaluation", {}).get("status") == "ok"]
+    out = {"finished": len(done)}
+    for key, name in (("heldout_acc", "plain"), ("heldout_tta_acc", "tta")):
+        values = [e[key] for e in done if e.get(key) is not None]
+        if values:
+            out[f"{name}_mean"] = round(statistics.mean(values), 2)
+            out[f"{name}_std"] = round(statistics.stdev(values), 2) if len(values) > 1 else None
+    return out
+
+
+def stage_best(args, plan: Plan, out: Path, clock: Clock) -> dict:
+    """`--recipe best` for each seed in turn; a seed may use all of the stage's share that is left."""
+    end = time.monotonic() + share(clock, "best", args.queue)
+    kept = {r["seed"]: r for r in args.previous.get("best", {}).get("runs", [])}
+    runs = []
+    for seed in plan.best_seeds:
+        left = end - time.monotonic()
+        if left < 10:
+            runs.append({"seed": seed, "exit": None, "error": "not started: the stage's share was used up"})
+            continue
+        runs.append({"seed": seed, **_recipe_run(args, plan, out, clock, f"best-seed{seed}",
+                                                 ["--recipe", "best", "--seed", str(seed), *plan.best_extra],
+                                                 left, kept.get(seed))})
+    acc = _accuracies(runs)
+    return {"status": "ok" if acc["finished"] == len(runs) else "partial" if acc["finished"] else "failed",
+            "runs": runs, **acc, "note": "all training images, the last epoch kept; test_batch evaluated once, at "
+            "the end, choosing nothing; evaluate.py plain and with 6-view TTA"}
+
+
+def stage_paper_test(args, plan: Plan, out: Path, clock: Clock) -> dict:
+    """The paper's recipe under the paper's protocol: the best epoch picked on the held-out test_batch."""
+    result = _train_paper(args, plan, out, clock, "paper_test", ["--val-size", "0"], plan.paper_epochs,
+                          timeout=share(clock, "paper_test", args.queue))
+    result["note"] = ("all training images; the best epoch picked on test_batch, as the paper did: selected on the "
+                      "test set, so the figure is optimistic")
+    return result
+
+
+def stage_activations(args, plan: Plan, out: Path, clock: Clock) -> dict:
+    """The fast recipe with each --activation, every activation's seed 0 first, then seed 1, ...,
+    while the stage's share lasts (a run is started only if the longest so far would fit)."""
+    from model import ACTIVATIONS
+    names = sorted(ACTIVATIONS, key=lambda a: (a != "relu", a))  # the default first: the reference
+    end = time.monotonic() + share(clock, "activations", args.queue)
+    kept = {(r["activation"], r["seed"]): r for r in args.previous.get("activations", {}).get("runs", [])}
+    runs, longest = [], 0.0
+    for seed in plan.activation_seeds:
+        for act in names:
+            left = end - time.monotonic()
+            if left < max(10.0, 1.2 * longest):
+                break
+            flags = ["--recipe", "fast", "--activation", act, "--seed", str(seed), "--val-size", "0",
+                     *(["--epochs", str(plan.fast_epochs)] if plan.fast_epochs else []), *plan.fast_extra]
+            run = _recipe_run(args, plan, out, clock, f"act-{act}-seed{seed}", flags, left, kept.get((act, seed)))
+            longest = max(longest, run["wall_seconds"] + run.get("evaluation", {}).get("seconds", 0.0))
+            runs.append({"activation": act, "seed": seed, **run})
+    table = {act: {"seeds": [r["seed"] for r in runs if r["activation"] == act],
+                   **_accuracies([r for r in runs if r["activation"] == act])} for act in names}
+    failed = [r for r in runs if r.get("exit") != 0]
+    complete = all(t["finished"] for t in table.values())
+    return {"status": "ok" if complete and not failed else "partial" if runs else "failed", "runs": runs,
+            "table": table, "note": "the fast recipe (all training images, the last epoch kept, test_batch seen "
+            "once, at the end) with each activation; evaluate.py plain and with 6-view TTA"}
+
+
 # ----------------------------------------------------------------------------- report
 
 def _fmt(value, unit: str = "") -> str:
@@ -385,7 +512,21 @@ def write_report(out: Path, report: dict) -> None:
             row("fast", f"seed {r['seed']}: epochs, training s, wall s, final acc, s to {FAST_TARGET:.0f}%",
                 f"{r['epochs']}, {r['train_seconds']}, {r['wall_seconds']}, {_fmt(r['final_acc'])}, "
                 f"{_fmt(r['seconds_to_target'])}")
-    for name in ("paper", "reading"):
+    best = st.get("best", {})
+    if best.get("runs"):
+        row("best", f"--recipe best, held-out accuracy, last epoch, {best['finished']} of {len(best['runs'])} seeds "
+            "(mean ± std): plain; 6-view TTA", f"{_fmt(best.get('plain_mean'))} ± {_fmt(best.get('plain_std'))} %; "
+            f"{_fmt(best.get('tta_mean'))} ± {_fmt(best.get('tta_std'))} %", "≥ 92.5% on the proxy")
+        for r in best["runs"]:
+            ev = r.get("evaluation", {})
+            row("best", f"seed {r['seed']}: epochs, training s, wall s, plain, TTA",
+                f"{r.get('epochs')}, {r.get('train_seconds')}, {r.get('wall_seconds')}, "
+                f"{_fmt(ev.get('heldout_acc'))}, {_fmt(ev.get('heldout_tta_acc'))}")
+    for act, t in st.get("activations", {}).get("table", {}).items():
+        row("activations", f"fast recipe, --activation {act}: seeds; plain; 6-view TTA (mean ± std)",
+            f"{t['seeds']}; {_fmt(t.get('plain_mean'))} ± {_fmt(t.get('plain_std'))} %; "
+            f"{_fmt(t.get('tta_mean'))} ± {_fmt(t.get('tta_std'))} %")
+    for name in ("paper", "reading", "paper_test"):
         p = st.get(name, {})
         if "epochs_done" not in p:
             continue
@@ -398,7 +539,8 @@ def write_report(out: Path, report: dict) -> None:
             f"{p.get('best_epoch')}; {_fmt(p.get('best_val_acc'))}%; {_fmt(p.get('train_acc_at_best'))}%")
         row(name, "last epoch: train acc; selection acc; reloads",
             f"{_fmt(p.get('final_train_acc'))}%; {_fmt(p.get('final_val_acc'))}%; {p.get('reloads')}")
-        row(name, "held-out accuracy of the best checkpoint (evaluate.py)", f"{_fmt(ev.get('heldout_acc'))}%")
+        row(name, "held-out accuracy of the best checkpoint (evaluate.py)", f"{_fmt(ev.get('heldout_acc'))}%",
+            "selected on the test set: optimistic" if name == "paper_test" else "")
     (out / "report.md").write_text("\n".join(lines) + "\n")
 
 
@@ -411,6 +553,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resume-from", default=None, metavar="DIR",
                    help="an earlier run's --out: stages it finished are kept, a stopped training run continues")
     p.add_argument("--dry-run", action="store_true", help="every stage on the CPU with tiny sizes (a few minutes)")
+    p.add_argument("--stages", nargs="+", choices=STAGES, default=list(DEFAULT_STAGES), metavar="STAGE",
+                   help=f"the stages to run, in the order above (default: {' '.join(DEFAULT_STAGES)}; also: "
+                   f"{' '.join(n for n in STAGES if n not in DEFAULT_STAGES)}); data is always run")
     args = p.parse_args(argv)
     started = time.strftime("%Y-%m-%d %H:%M:%S")
     t0 = time.monotonic()
@@ -424,6 +569,7 @@ def main(argv: list[str] | None = None) -> int:
         except (OSError, ValueError, KeyError):
             print(f"error: {out / 'report.json'}: no earlier report to continue", file=sys.stderr)
             return 2
+    args.previous = previous
     plan = Plan.for_run(args.dry_run)
     if plan.device == "cuda":
         import torch
@@ -445,10 +591,15 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     args.data_dir = data["data_dir"]
     report["data_note"] = f"{args.data_dir}" + (" (the JPEG proxy of CIFAR-10)" if data.get("proxy") else "")
-    stages = (("tests", stage_tests), ("bench", stage_bench), ("fast", stage_fast), ("paper", stage_paper),
-              ("reading", lambda *a: stage_reading(*a, report["stages"]["paper"])),
-              ("bench_compile", stage_bench_compile))
-    for name, fn in stages:
+    stages = {"tests": stage_tests, "bench": stage_bench, "fast": stage_fast, "paper": stage_paper,
+              "reading": lambda *a: stage_reading(*a, report["stages"].get("paper", {})), "best": stage_best,
+              "paper_test": stage_paper_test, "activations": stage_activations, "bench_compile": stage_bench_compile}
+    # In the order of STAGES, except that the compile benchmark, which only fills what time is left, comes last.
+    queue = [n for n in STAGES if n in args.stages and n not in ("data", "bench_compile")]
+    queue += ["bench_compile"] if "bench_compile" in args.stages else []
+    for i, name in enumerate(queue):
+        fn = stages[name]
+        args.queue = queue[i:]
         if previous.get(name, {}).get("status") == "ok":
             record(name, previous[name])  # finished by the earlier command
             continue

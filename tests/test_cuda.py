@@ -79,6 +79,25 @@ def test_device_loader_gives_the_cpus_pixels(rotation):
             assert same.all()
 
 
+def test_policy_workers_on_cuda_give_the_batches_of_the_policy_in_line():
+    """The --augment policy in worker processes (pinned, an epoch ahead) hands the GPU the same
+    batches as the policy in line, over two epochs, across the GPU's epoch chunks."""
+    rng = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 10, (600,), generator=rng).numpy()
+    images = synthetic_images(labels, np.random.default_rng(0))
+    batches = {}
+    for workers in (0, 2):
+        loader = data.DeviceLoader(images, labels, 64, seed=0, device=CUDA, epoch_chunk=256, cutout=8,
+                                   policy="trivialaugment", policy_workers=workers)
+        batches[workers] = []
+        for epoch in (1, 2):
+            loader.set_epoch(epoch)
+            batches[workers] += [x.cpu() for x, _ in loader]
+        loader.close()
+    assert len(batches[0]) == 20
+    assert all(torch.equal(a, b) for a, b in zip(batches[0], batches[2], strict=True))
+
+
 def _model_and_batch(seed=0, n=64):
     torch.manual_seed(seed)
     model = resnet9().to(CUDA).to(memory_format=torch.channels_last)

@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from checkpoint import load_checkpoint
+
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "bench" / "gpu_run.py"
 
@@ -40,6 +42,34 @@ def test_dry_run_runs_every_stage_and_reports(tiny_cifar, tmp_path):
     assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
     kept = json.loads((out / "report.json").read_text())["stages"]
     assert kept["fast"] == stages["fast"] and kept["paper"] == stages["paper"]
+
+
+def test_dry_run_of_the_accuracy_stages(tiny_cifar, tmp_path):
+    out = tmp_path / "acc"
+    result = _gpu_run("--out", str(out), "--data-dir", str(tiny_cifar), "--dry-run", "--stages", "best",
+                      "paper_test", "activations", "--budget", "900")
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    stages = json.loads((out / "report.json").read_text())["stages"]
+    assert list(stages) == ["data", "best", "paper_test", "activations"]
+    best = stages["best"]
+    assert [r["seed"] for r in best["runs"]] == [0, 1] and best["finished"] == 2
+    for r in best["runs"]:
+        ev = r["evaluation"]
+        assert r["epochs"] == 1 and 0 <= ev["heldout_acc"] <= 100 and 0 <= ev["heldout_tta_acc"] <= 100
+        assert load_checkpoint(out / f"best-seed{r['seed']}" / "learn_rate_consistent_model.pth")["config"][
+            "recipe"] == "best"
+    plain = [r["evaluation"]["heldout_acc"] for r in best["runs"]]
+    assert best["plain_mean"] == round(sum(plain) / 2, 2)
+    paper = stages["paper_test"]
+    assert paper["flags"] == "--val-size 0" and paper["epochs_done"] == 2
+    assert load_checkpoint(out / "paper_test" / "last.pth")["config"]["val_size"] == 0
+    table = stages["activations"]["table"]
+    assert list(table) == ["relu", "celu", "elu", "gelu"] and all(t["seeds"] == [0] for t in table.values())
+    configs = {load_checkpoint(out / f"act-{a}-seed0" / "learn_rate_consistent_model.pth")["config"]["activation"]
+               for a in table}
+    assert configs == set(table)
+    md = (out / "report.md").read_text()
+    assert "selected on the test set: optimistic" in md and "--activation gelu" in md
 
 
 def test_resume_from_a_folder_without_report_is_one_line(tmp_path):
