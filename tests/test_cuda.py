@@ -294,3 +294,16 @@ def test_weight_average_trains_eagerly_on_cuda(cuda_data, tmp_path):
                              capture_output=True, text=True, timeout=300)
     assert refused.returncode == 2 and "--cuda-graph: the weight average" in refused.stderr
     assert refused.stderr.count("\n") == 1
+
+
+def test_best_recipe_trains_on_cuda_with_its_policy_in_workers(cuda_data, tmp_path):
+    """--recipe best on CUDA, as a user runs it (its own process): TrivialAugment in the automatic
+    number of worker processes, in the CUDA graph; the test set evaluated once, at the end, with TTA."""
+    cmd = [sys.executable, str(ROOT / "train.py"), *_args(cuda_data, tmp_path / "best", "--recipe", "best",
+                                                           "--val-size", "0")]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    first = result.stdout.splitlines()[0]
+    assert "trivialaugment in " in first and "worker(s)" in first and "cuda_graph True" in first
+    history = load_checkpoint(tmp_path / "best" / train.BEST_NAME)["history"]
+    assert len(history) == 1 and history[0]["val_acc"] is not None
