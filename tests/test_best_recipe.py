@@ -13,7 +13,7 @@ from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from config import RECIPES, fresh_config
 from conftest import synthetic_images, tiny_train_args
 from data import DeviceLoader, TorchvisionLoader, apply_policy, augmented_examples, policy_seeds, policy_transform
-from model import ACTIVATIONS, build_model, count_parameters, resnet9
+from model import ACTIVATIONS, build_model, count_parameters, make_activation, resnet9
 from policy_workers import PolicyEpochs, default_policy_workers
 
 CPU = torch.device("cpu")
@@ -68,6 +68,16 @@ def test_policy_depends_only_on_the_image_seed_and_leaves_the_global_rng_alone()
     assert policy_transform("none") is None
     with pytest.raises(ValueError, match="unknown augmentation policy"):
         policy_transform("randaugment")
+
+
+def test_the_activations_are_four_different_functions():
+    x = torch.linspace(-4, 4, 801)
+    outputs = {name: make_activation(name)(x) for name in ACTIVATIONS}
+    for a in outputs:
+        for b in outputs:
+            if a < b:
+                assert (outputs[a] - outputs[b]).abs().max() > 0.01, (a, b)  # CELU at alpha 1 would be ELU
+    assert make_activation("celu").alpha == 0.075
 
 
 def test_device_loader_with_the_policy_is_seeded_resumable_and_the_same_per_rank():
