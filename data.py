@@ -560,8 +560,7 @@ class DeviceLoader(_EpochBatches):
         self.policy_epochs = None
         if self.policy is not None and policy_workers > 0:
             from policy_workers import PolicyEpochs  # imported here: it builds on this module
-            self.policy_epochs = PolicyEpochs(self.host_images, seed, policy, policy_workers,
-                                              pin_memory=device.type == "cuda")
+            self.policy_epochs = PolicyEpochs(self.host_images, seed, policy, policy_workers)
         self._epoch_images: torch.Tensor | None = None
         self.labels = torch.from_numpy(labels).to(device)
         self.sampler = EpochSampler(len(images), seed, rank, world_size)

@@ -65,13 +65,12 @@ class PolicyEpochs:
     other (the first, or after a resume), the workers start again from that epoch. `close()` stops
     them."""
 
-    def __init__(self, images: torch.Tensor, seed: int, policy: str, workers: int, *, chunk: int = CHUNK,
-                 pin_memory: bool = False) -> None:
+    def __init__(self, images: torch.Tensor, seed: int, policy: str, workers: int, *, chunk: int = CHUNK) -> None:
         if workers < 1:
             raise ValueError(f"PolicyEpochs needs at least one worker, not {workers}")
         self.dataset = _EpochChunks(images, seed, policy, chunk)
         self.chunks = -(-len(images) // chunk)
-        self.workers, self.pin_memory = workers, pin_memory
+        self.workers = workers
         self._chunks: Iterator[torch.Tensor] | None = None
         self._next = None  # the epoch whose chunks `_chunks` hands out next
 
@@ -80,7 +79,7 @@ class PolicyEpochs:
         # Two epochs' worth of chunks in flight at most: the next epoch is ready when asked for.
         prefetch = max(2, -(-2 * self.chunks // self.workers))
         loader = DataLoader(self.dataset, batch_size=None, sampler=_ChunksFrom(epoch, self.chunks),
-                            num_workers=self.workers, prefetch_factor=prefetch, pin_memory=self.pin_memory)
+                            num_workers=self.workers, prefetch_factor=prefetch)
         self._chunks, self._next = iter(loader), epoch
 
     def epoch(self, epoch: int) -> torch.Tensor:

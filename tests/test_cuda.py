@@ -80,7 +80,7 @@ def test_device_loader_gives_the_cpus_pixels(rotation):
 
 
 def test_policy_workers_on_cuda_give_the_batches_of_the_policy_in_line():
-    """The --augment policy in worker processes (pinned, an epoch ahead) hands the GPU the same
+    """The --augment policy in worker processes (an epoch ahead) hands the GPU the same
     batches as the policy in line, over two epochs, across the GPU's epoch chunks."""
     rng = torch.Generator().manual_seed(0)
     labels = torch.randint(0, 10, (600,), generator=rng).numpy()
