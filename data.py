@@ -344,9 +344,14 @@ def _init_worker(worker_id: int) -> None:
     random.seed(seed)
 
 
+def available_cpus() -> int:
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def default_workers(device: torch.device) -> int:
     """DataLoader workers for this machine: enough to feed a GPU; on CPU one, so the model keeps the cores."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cpus = available_cpus()
     return min(8, cpus) if device.type == "cuda" else min(1, cpus - 1)
 
 

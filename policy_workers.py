@@ -3,23 +3,22 @@
 The device loader draws TrivialAugment per image (data.apply_policy: one of 14 operations at a
 random strength, seeded by (run seed, epoch, image)), one image at a time on the CPU: 0.1-0.4 ms
 an image, 4-16 s an epoch of 40,000 on one core. On a GPU an epoch of training takes under a
-second, so done in line the policy would be nearly all of a run's time (13 min of the 100 epochs
-of `--recipe best` on one core). Here torch's DataLoader spreads it over worker processes: the
+second, so done in line the policy would be nearly all of a run's time (7-27 min of the 100
+epochs of `--recipe best` on one core). Here torch's DataLoader spreads it over worker processes: the
 training set is cut into chunks, a worker applies the policy to one chunk of one epoch, and the
 loader's prefetching keeps the workers an epoch or more ahead of the training loop. Each image is
 still seeded by its own (seed, epoch, index), so the pixels are the same whatever the number of
-workers, and the same as in line (tests/test_augment.py).
+workers, and the same as in line (tests/test_best_recipe.py).
 """
 from __future__ import annotations
 
 import itertools
-import os
 from collections.abc import Iterator
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from data import apply_policy, policy_seeds, policy_transform
+from data import apply_policy, available_cpus, policy_seeds, policy_transform
 
 CHUNK = 1000  # images a worker augments per task: large enough that handing it back costs little
 
@@ -30,8 +29,7 @@ def default_policy_workers(device: torch.device, processes: int = 1) -> int:
     and the policy, a few percent of an epoch there, runs in line."""
     if device.type != "cuda":
         return 0
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cpus // max(1, processes) - 1)
+    return max(1, available_cpus() // max(1, processes) - 1)
 
 
 class _EpochChunks(Dataset):

@@ -26,7 +26,8 @@ and, asked for by name (--stages):
    the best epoch picked on test_batch (reported as selected on the test set: optimistic);
 9. activations: the fast recipe with each --activation, seed by seed (every activation's seed 0,
    then seed 1, ...) for as long as the stage's share lasts: mean ± std per activation.
-Each stage gets an equal share of what is left of the budget, the stages after it counted.
+These three share what is left of the budget 4 : 2 : 3 (SHARE_WEIGHTS), each taking its part of what
+is left when it starts, the weighted stages after it counted.
 OUT/report.md holds every figure in one table with the GPU, driver, CUDA and torch versions;
 OUT/report.json the same numbers; everything else a stage wrote stays under OUT.
 """
