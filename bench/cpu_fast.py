@@ -51,7 +51,10 @@ VARIANTS: dict[str, list[str]] = {
     "fast-elu": ["--activation", "elu"],
     "fast-celu": ["--activation", "celu"],
     "fast-gelu": ["--activation", "gelu"],
-    "fast-e10-elu": ["--epochs", "10", "--activation", "elu"],  # against fast-e10, where 22 epochs do not fit
+    # each against fast-e10, where 22 epochs do not fit
+    "fast-e10-elu": ["--epochs", "10", "--activation", "elu"],
+    "fast-e10-celu": ["--epochs", "10", "--activation", "celu"],
+    "fast-e10-gelu": ["--epochs", "10", "--activation", "gelu"],
     # distillation (distill.py), the teachers' cost counted: the recipe's seed-0 run as teacher, and the
     # ensemble of its three seeds; {out} is --out, where those runs are
     "fast-kd": ["--teacher", "{out}/runs/fast-s0/learn_rate_consistent_model.pth"],
