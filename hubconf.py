@@ -11,6 +11,12 @@ From GitHub (torch.hub downloads the repository, the shipped checkpoint included
     model = torch.hub.load("OWNER/REPO", "resnet9", pretrained=True, trust_repo=True)
     model = torch.hub.load("OWNER/REPO:main", "resnet9", pretrained=True, trust_repo=True)
 
+Two sets of weights ship: `resnet9` has the paper's recipe (model/learn_rate_consistent_model.pth),
+`resnet9_best` the same network trained with `--recipe best` (model/resnet9_best.pth; README,
+"Results"):
+
+    model = torch.hub.load("path/to/this/repo", "resnet9_best", source="local")
+
 The model comes back in eval mode and expects float32 N x 3 x 32 x 32 RGB images scaled to [0, 1]
 and normalised with the CIFAR-10 mean and std (data.py: CIFAR10_MEAN, CIFAR10_STD); its 10 outputs
 are logits in the order of data.CLASSES. docs/export.md shows a whole example.
@@ -23,7 +29,9 @@ from torch import nn
 
 dependencies = ["torch"]  # what torch.hub checks before loading this file
 
-SHIPPED_WEIGHTS = Path(__file__).resolve().parent / "model" / "learn_rate_consistent_model.pth"
+MODEL_DIR = Path(__file__).resolve().parent / "model"
+SHIPPED_WEIGHTS = MODEL_DIR / "learn_rate_consistent_model.pth"  # the paper's recipe
+BEST_WEIGHTS = MODEL_DIR / "resnet9_best.pth"  # `train.py --recipe best`
 
 
 def resnet9(pretrained: bool = False, weights: str | None = None, num_classes: int = 10,
@@ -33,14 +41,25 @@ def resnet9(pretrained: bool = False, weights: str | None = None, num_classes: i
     initialised for `num_classes` (and `activation`: model.ACTIVATIONS), in train mode; a checkpoint
     brings its own activation. Raises checkpoint.CheckpointError (one line, naming
     the file) when the weights are missing or damaged."""
-    from checkpoint import load_checkpoint, model_from_checkpoint
     from model import resnet9 as build
 
     if not pretrained:
         if weights is not None:
             raise ValueError("weights= is for pretrained=True; pretrained=False builds a fresh model")
         return build(num_classes, activation)
-    path = Path(weights) if weights is not None else SHIPPED_WEIGHTS
+    return _pretrained(Path(weights) if weights is not None else SHIPPED_WEIGHTS, num_classes)
+
+
+def resnet9_best() -> nn.Module:
+    """The same ResNet9 (4,903,242 parameters, ReLU) trained with `python train.py --recipe best`:
+    the shipped model/resnet9_best.pth, in eval mode. Its inputs and outputs are resnet9's; its
+    accuracy and the run that made it are in the README's results table."""
+    return _pretrained(BEST_WEIGHTS, 10)
+
+
+def _pretrained(path: Path, num_classes: int) -> nn.Module:
+    from checkpoint import load_checkpoint, model_from_checkpoint
+
     model = model_from_checkpoint(load_checkpoint(path), path)
     if model.linear.out_features != num_classes:
         raise ValueError(f"{path} holds a model for {model.linear.out_features} classes, not num_classes={num_classes}")
