@@ -1,20 +1,15 @@
-"""CIFAR-10 for training and evaluation: reading the files, the paper's transforms, the loaders.
+"""CIFAR-10: reading the files, the download, the split, the paper's transforms, the torchvision loader.
 
-The data comes from the official python layout, `<data-dir>/cifar-10-batches-py/`
-(`data_batch_1..5`, `test_batch`, `batches.meta`), read by a small reader of our own into uint8
-arrays. We do not go through `torchvision.datasets.CIFAR10`: it refuses any folder whose md5 sums
-are not the official ones, so a re-encoded or repaired copy would be unusable. The batch files are
-pickles; they are unpickled with an allow-list that admits only what numpy arrays need, so a
-tampered file cannot run code. When the folder is missing, the official archive is downloaded
-(md5-checked) and extracted.
-
-Augmentation is a pure function of (seed, epoch, image index): the sampler hands every image its
-own seed, so an epoch's batches are the same whatever the number of workers or processes, and a
-run resumed mid-epoch sees exactly the batches it would have seen.
+The official python layout, `<data-dir>/cifar-10-batches-py/`, is read by a reader of our own:
+`torchvision.datasets.CIFAR10` refuses any folder whose md5 sums are not the official ones (a
+re-encoded copy such as the proxy), and its pickles are loaded with an allow-list that lets no
+tampered file run code (files/safe_pickle.py). A missing folder is downloaded (md5-checked).
+Augmentation is a pure function of (seed, epoch, image index), whatever the number of workers or
+processes, so a run resumed mid-epoch sees exactly the batches it would have seen. The device
+loader (training/device_loader.py) builds on the sampler and batches here.
 """
 from __future__ import annotations
 
-import codecs
 import contextlib
 import os
 import pickle
@@ -27,13 +22,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from numpy._core import multiarray, numeric
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision.datasets.utils import download_and_extract_archive
 from torchvision.transforms import v2
 
-from writes import WriteError, check_folder, missing_folders, remove_empty, size_text, write_error
+from files import safe_pickle
+from files.writes import WriteError, check_folder, missing_folders, remove_empty, size_text, write_error
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"  # of the official archive
@@ -50,55 +45,14 @@ CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 SPLIT_SEED = 0  # the validation hold-out is fixed: it does not move with --seed
 PAD = 4  # pixels of zero padding around an image before the random 32x32 crop
-EPOCH_CHUNK = 8192  # about this many images augmented per launch by the device loader on a GPU
-# Automatic augmentation policies (--augment), applied to each training image before cutout.
-# trivialaugment: torchvision's TrivialAugmentWide (Mueller & Hutter, 2021): one of 14 operations
-# per image, at a uniformly random strength, with no parameters to tune. The torchvision loader
-# applies it after the crop and flip, the device loader before them (its colour operations commute
-# with both, and its shears, shifts and rotations are drawn symmetrically, so a flip maps the
-# distribution onto itself).
+# --augment: trivialaugment is torchvision's TrivialAugmentWide (one of 14 operations per image at a
+# random strength). The torchvision loader applies it after the crop and flip, the device loader
+# before them: its shears, shifts and rotations are drawn symmetrically, so the two agree in law.
 AUGMENT_POLICIES = ("none", "trivialaugment")
-FLIPS = ("random", "alternate")  # --flip: each epoch's own coin per image, or the other side each epoch
 
 
 class DataError(Exception):
     """The data set is missing or a file of it is unusable; the message says which and what to do."""
-
-
-# ----------------------------------------------------------------------------- reading the files
-
-def _latin1_encode(text: str, encoding: str = "latin1") -> bytes:
-    # Python 3 pickles bytes in protocol 2 as _codecs.encode(text, "latin1"); admit nothing else.
-    if encoding not in ("latin1", "latin-1"):
-        raise _Refused(f"it asks for codec {encoding!r}, which a CIFAR-10 file never uses")
-    return codecs.encode(text, encoding)
-
-
-# Everything a CIFAR-10 batch pickle may name: numpy's array rebuilders, under the pre-2.0 module
-# path of the official files and under numpy 2's, and the codec of Python 3's protocol 2.
-_ALLOWED_GLOBALS = {
-    ("numpy.core.multiarray", "_reconstruct"): multiarray._reconstruct,
-    ("numpy._core.multiarray", "_reconstruct"): multiarray._reconstruct,
-    ("numpy.core.numeric", "_frombuffer"): numeric._frombuffer,
-    ("numpy._core.numeric", "_frombuffer"): numeric._frombuffer,
-    ("numpy", "ndarray"): np.ndarray,
-    ("numpy", "dtype"): np.dtype,
-    ("_codecs", "encode"): _latin1_encode,
-}
-
-
-class _Refused(pickle.UnpicklingError):
-    pass
-
-
-class _ArrayUnpickler(pickle.Unpickler):
-    """An unpickler that builds numpy arrays and plain containers, and refuses every other global."""
-
-    def find_class(self, module: str, name: str):
-        try:
-            return _ALLOWED_GLOBALS[(module, name)]
-        except KeyError:
-            raise _Refused(f"it asks for {module}.{name}, which a CIFAR-10 file never holds") from None
 
 
 def _unpickle(path: Path) -> dict:
@@ -107,8 +61,8 @@ def _unpickle(path: Path) -> dict:
         raise DataError(f"{path}: file not found")
     try:
         with open(path, "rb") as f:
-            obj = _ArrayUnpickler(f, encoding="latin1").load()
-    except _Refused as e:
+            obj = safe_pickle.load(f)
+    except safe_pickle.Refused as e:
         raise DataError(f"{path}: refused to load ({e}); nothing in it was run; "
                         "replace it with the official file") from None
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError,
@@ -139,8 +93,7 @@ def read_batch(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
         raise DataError(f"{path}: labels out of range: expected 0..{len(CLASSES) - 1}, "
                         f"got {labels.min()}..{labels.max()}")
     # The rows are channel-planar (1024 R, 1024 G, 1024 B); HWC is what PIL wants.
-    images = np.ascontiguousarray(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
-    return images, labels
+    return np.ascontiguousarray(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)), labels
 
 
 def read_meta(path: str | os.PathLike) -> tuple[str, ...]:
@@ -168,9 +121,8 @@ def ensure_cifar10(root: str | os.PathLike, download: bool = True) -> Path:
 
 
 def download_cifar10(root: Path) -> None:
-    """Download the official archive into `root` and extract it there, once the disk is seen to have
-    room for both. On failure it removes what it wrote (the archive unless it was there before, the
-    folder extracted in part, the folders it made) and raises DataError saying why."""
+    """Download the official archive into `root` and extract it, once the disk has room for both. On
+    failure remove what was written (archive, partial folder, new folders) and raise DataError."""
     folder, archive = root / FOLDER, root / ARCHIVE
     made, had_archive = missing_folders(root), archive.is_file()
     instead = (f"download {CIFAR10_URL}, extract it into {root} so that {folder / TRAIN_FILES[0]} exists, or pass "
@@ -198,10 +150,10 @@ def download_cifar10(root: Path) -> None:
 
 @dataclass
 class CIFAR10:
-    """The whole data set in memory: 50,000 + 10,000 images are 180 MB of uint8."""
+    """The whole data set in memory (180 MB of uint8): images N x 32 x 32 x 3, labels int64 N."""
 
-    train_images: np.ndarray  # uint8 N x 32 x 32 x 3
-    train_labels: np.ndarray  # int64 N
+    train_images: np.ndarray
+    train_labels: np.ndarray
     test_images: np.ndarray
     test_labels: np.ndarray
     classes: tuple[str, ...]
@@ -216,8 +168,6 @@ def load_cifar10(root: str | os.PathLike, download: bool = True) -> CIFAR10:
     return CIFAR10(np.concatenate([x for x, _ in train]), np.concatenate([y for _, y in train]),
                    test_images, test_labels, classes)
 
-
-# ----------------------------------------------------------------------------- splits
 
 def stratified_order(labels: np.ndarray, seed: int = SPLIT_SEED) -> np.ndarray:
     """A seeded order of all indices in which every prefix holds the classes in their overall
@@ -245,12 +195,6 @@ def split_train_val(labels: np.ndarray, val_size: int, subset: int = 0) -> tuple
     return np.sort(train), np.sort(val)
 
 
-# ----------------------------------------------------------------------------- transforms
-
-def normalize() -> v2.Normalize:
-    return v2.Normalize(CIFAR10_MEAN, CIFAR10_STD)
-
-
 def policy_transform(policy: str) -> v2.Transform | None:
     """The --augment policy's transform (None for none); it takes PIL images and uint8 tensors."""
     if policy not in AUGMENT_POLICIES:
@@ -269,15 +213,14 @@ def train_transform(rotation: float = 10.0, policy: str = "none") -> v2.Compose:
         *([extra] if extra is not None else []),
         v2.ToImage(),
         v2.ToDtype(torch.float32, scale=True),  # uint8 0..255 -> float 0..1
-        normalize(),
+        v2.Normalize(CIFAR10_MEAN, CIFAR10_STD),
     ])
 
 
 def eval_transform() -> v2.Compose:
-    return v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True), normalize()])
+    return v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True),
+                       v2.Normalize(CIFAR10_MEAN, CIFAR10_STD)])
 
-
-# ----------------------------------------------------------------------------- datasets and loaders
 
 def mix_seed(*values: int) -> int:
     """Hash integers into one 63-bit seed (splitmix64), so nearby inputs give unrelated seeds."""
@@ -290,10 +233,8 @@ def mix_seed(*values: int) -> int:
 
 
 class ImageDataset(Dataset):
-    """uint8 HWC images and labels served through a transform, as PIL images like torchvision's CIFAR10.
-
-    An item key is an index, or `(index, seed)`: then the transform's random draws come from a
-    generator freshly seeded with `seed`, which makes the augmentation of each image reproducible."""
+    """uint8 HWC images and labels served through a transform as PIL images, like torchvision's CIFAR10.
+    A key is an index, or `(index, seed)`: then the transform's random draws are seeded with `seed`."""
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, transform: v2.Compose) -> None:
         self.images, self.labels, self.transform = images, labels, transform
@@ -309,10 +250,9 @@ class ImageDataset(Dataset):
 
 
 class EpochSampler(DistributedSampler):
-    """DistributedSampler's seeded per-epoch permutation, sliced per rank, yielding `(index, seed)`.
-
-    Each image's seed is a hash of (run seed, epoch, index), and `set_epoch(epoch, start)` can skip
-    the first `start` samples of this rank's shard, for a resume in the middle of an epoch."""
+    """DistributedSampler's seeded per-epoch permutation, sliced per rank, yielding `(index, seed)`:
+    each image's seed hashes (run seed, epoch, index); `set_epoch(epoch, start)` skips the first
+    `start` samples of this rank's shard, for a resume in the middle of an epoch."""
 
     def __init__(self, size: int, seed: int, rank: int = 0, world_size: int = 1) -> None:
         super().__init__(range(size), num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
@@ -333,34 +273,19 @@ class EpochSampler(DistributedSampler):
         return self.num_samples - self.start
 
 
-def _init_worker(worker_id: int) -> None:
-    # Ctrl-C in a terminal reaches the whole process group: let the main process alone decide how
-    # to stop (it exits at a step boundary; workers end with it).
+def init_worker(worker_id: int) -> None:
+    """Leave stopping to the main process (Ctrl-C reaches the whole group); seed numpy and random."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    # numpy and random are not used by the transforms; seed them for any code that does.
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)
 
 
-def available_cpus() -> int:
-    """The cores this process may run on."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
-def default_workers(device: torch.device) -> int:
-    """DataLoader workers for this machine: enough to feed a GPU; on CPU one, so the model keeps the cores."""
-    cpus = available_cpus()
-    return min(8, cpus) if device.type == "cuda" else min(1, cpus - 1)
-
-
-class _EpochBatches:
+class EpochBatches:
     """What both training loaders share: batches of `batch_size` per rank in an EpochSampler's order.
-
-    `set_epoch(epoch, start_step)` picks the epoch's permutation (and a step to start at) before
-    iterating; `len()` is the number of steps left in that epoch. `resolution` is the side, in
-    pixels, of the batches handed out (progressive resizing: below 32 they are scaled down)."""
+    `set_epoch(epoch, start_step)` picks the epoch (and a step to start at); `len()` is the steps left
+    in it; `resolution` is the side of the batches handed out (below 32: progressive resizing)."""
 
     batch_size: int
     sampler: EpochSampler
@@ -388,7 +313,7 @@ class _EpochBatches:
         return len(self.sampler)
 
 
-class TorchvisionLoader(_EpochBatches):
+class TorchvisionLoader(EpochBatches):
     """The paper's pipeline: PIL transforms in DataLoader workers."""
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, batch_size: int, *, seed: int, workers: int,
@@ -398,27 +323,12 @@ class TorchvisionLoader(_EpochBatches):
         self.sampler = EpochSampler(len(images), seed, rank, world_size)
         self.loader = DataLoader(
             ImageDataset(images, labels, train_transform(rotation, policy)), batch_size=batch_size,
-            sampler=self.sampler,
-            num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=workers > 0,
-            worker_init_fn=_init_worker, generator=torch.Generator().manual_seed(seed), drop_last=False)
+            sampler=self.sampler, num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=workers > 0,
+            worker_init_fn=init_worker, generator=torch.Generator().manual_seed(seed), drop_last=False)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         return self._sized(iter(self.loader))
 
-
-def make_eval_loader(images: np.ndarray, labels: np.ndarray, batch_size: int, *, workers: int,
-                     device: torch.device, rank: int = 0, world_size: int = 1, on_device: bool = False):
-    """Unshuffled, unaugmented batches of this rank's share (every world_size-th image) of a split:
-    normalised on the device from uint8 held there (`on_device`), or by DataLoader workers."""
-    shard = slice(rank, None, world_size)
-    if on_device:
-        return DeviceBatches(images[shard], labels[shard], batch_size, device)
-    return DataLoader(ImageDataset(images[shard], labels[shard], eval_transform()), batch_size=batch_size,
-                      shuffle=False, num_workers=workers, pin_memory=device.type == "cuda",
-                      persistent_workers=workers > 0, worker_init_fn=_init_worker)
-
-
-# ----------------------------------------------------------------------------- augmentation on the device
 
 def to_device_images(images: np.ndarray, device: torch.device) -> torch.Tensor:
     """uint8 N x 32 x 32 x 3 (HWC) -> uint8 N x 3 x 32 x 32 on the device."""
@@ -426,9 +336,8 @@ def to_device_images(images: np.ndarray, device: torch.device) -> torch.Tensor:
 
 
 def resize_batch(x: torch.Tensor, size: int) -> torch.Tensor:
-    """A float B x 3 x H x W batch scaled to size x size by area averaging (each pixel of the smaller
-    image is the mean of the pixels it covers, as a coarser camera would see them); unchanged if it
-    is that size already. The network takes any size: its global average pool ends at 1 x 1."""
+    """A float B x 3 x H x W batch scaled to size x size by area averaging (as a coarser camera would
+    see it); unchanged at that size. The network takes any size: its average pool ends at 1 x 1."""
     if x.shape[-1] == size and x.shape[-2] == size:
         return x
     return torch.nn.functional.interpolate(x, size=(size, size), mode="area")
@@ -439,184 +348,3 @@ def normalize_batch(images: torch.Tensor) -> torch.Tensor:
     mean = torch.tensor(CIFAR10_MEAN, device=images.device).view(1, 3, 1, 1)
     std = torch.tensor(CIFAR10_STD, device=images.device).view(1, 3, 1, 1)
     return (images.float() / 255 - mean) / std
-
-
-def augment_params(n: int, generator: torch.Generator, rotation: float = 10.0,
-                   cutout: int = 0) -> dict[str, torch.Tensor]:
-    """Random parameters for n images, drawn as torchvision's transforms draw them: crop offsets
-    uniform in 0..2*PAD, a flip with probability 1/2, an angle uniform in [-rotation, rotation].
-    With `cutout`, also the centre of each image's blanked square, uniform over the image; drawn
-    last, so that the other draws are the same with and without it."""
-    params = {
-        "top": torch.randint(0, 2 * PAD + 1, (n,), generator=generator),
-        "left": torch.randint(0, 2 * PAD + 1, (n,), generator=generator),
-        "flip": torch.rand(n, generator=generator) < 0.5,
-        "angle": (torch.rand(n, generator=generator) * 2 - 1) * rotation,
-    }
-    if cutout:
-        params["cut_y"] = torch.randint(0, 32, (n,), generator=generator)
-        params["cut_x"] = torch.randint(0, 32, (n,), generator=generator)
-    return params
-
-
-def alternating_flips(n: int, seed: int, epoch: int) -> torch.Tensor:
-    """--flip alternate: each image is flipped or not at random in the first epoch and the other way
-    in each epoch after, so that any two epochs in a row show it both ways (airbench's derandomised
-    flips: random flips show an image the same way two epochs running half the time)."""
-    first = torch.rand(n, generator=torch.Generator().manual_seed(mix_seed(seed, 2))) < 0.5
-    return first ^ bool((epoch - 1) % 2)
-
-
-def augment_batch(images: torch.Tensor, top: torch.Tensor, left: torch.Tensor, flip: torch.Tensor,
-                  angle: torch.Tensor, cut_y: torch.Tensor | None = None, cut_x: torch.Tensor | None = None,
-                  cutout: int = 0) -> torch.Tensor:
-    """The paper's augmentation for a whole uint8 batch in one gather, with per-image parameters.
-
-    For each output pixel it finds the source pixel the PIL pipeline would read: undo the rotation
-    about the image centre (nearest neighbour: PIL takes the floor of the source coordinate of the
-    pixel centre), undo the flip, undo the crop of the zero-padded image. Pixels that come from
-    outside the rotated window or from the padding are zero, as PIL fills them.
-
-    With `cutout` (pixels), a cutout x cutout square centred on (cut_y, cut_x) of the output is
-    zeroed as well (clipped at the border): DeVries & Taylor's cutout, filled like the padding."""
-    b, c, h, w = images.shape
-    dev = images.device
-    theta = torch.deg2rad(angle.to(dev, torch.float32)).view(b, 1, 1)
-    cos, sin = torch.cos(theta), torch.sin(theta)
-    v = (torch.arange(h, device=dev, dtype=torch.float32) + 0.5 - h / 2).view(1, h, 1)
-    u = (torch.arange(w, device=dev, dtype=torch.float32) + 0.5 - w / 2).view(1, 1, w)
-    qx = torch.floor(cos * u - sin * v + w / 2).long()  # source pixel in the rotated (cropped, flipped) image
-    qy = torch.floor(sin * u + cos * v + h / 2).long()
-    inside = (qx >= 0) & (qx < w) & (qy >= 0) & (qy < h)
-    qx = torch.where(flip.to(dev).view(b, 1, 1), w - 1 - qx, qx)  # undo the flip
-    sx = qx + left.to(dev).view(b, 1, 1) - PAD  # undo the crop of the padded image
-    sy = qy + top.to(dev).view(b, 1, 1) - PAD
-    inside &= (sx >= 0) & (sx < w) & (sy >= 0) & (sy < h)
-    if cutout:
-        y0 = (cut_y.to(dev) - cutout // 2).view(b, 1, 1)
-        x0 = (cut_x.to(dev) - cutout // 2).view(b, 1, 1)
-        rows, cols = torch.arange(h, device=dev).view(1, h, 1), torch.arange(w, device=dev).view(1, 1, w)
-        inside &= ~((rows >= y0) & (rows < y0 + cutout) & (cols >= x0) & (cols < x0 + cutout))
-    index = (sy.clamp(0, h - 1) * w + sx.clamp(0, w - 1)).view(b, 1, h * w).expand(b, c, h * w)
-    out = images.reshape(b, c, h * w).gather(2, index).view(b, c, h, w)
-    return out * inside.unsqueeze(1).to(out.dtype)
-
-
-def apply_policy(images: torch.Tensor, seeds: list[int], policy: v2.Transform) -> torch.Tensor:
-    """`policy` applied to each uint8 3 x 32 x 32 image (on the CPU) with its random draws seeded by
-    its own seed, so that an image's augmentation depends on nothing but (run seed, epoch, index).
-    One image at a time, as TrivialAugment draws per image: 0.1-0.4 ms each on one core (4-16 s per
-    epoch of 40,000 images; policy_workers.py spreads it over processes on a GPU machine);
-    torchvision's batched call would give a whole batch the same operation.
-    The caller's random state is left as it was."""
-    out = torch.empty_like(images)
-    with torch.random.fork_rng(devices=[]):
-        for i, seed in enumerate(seeds):
-            torch.default_generator.manual_seed(seed)
-            out[i] = policy(images[i])
-    return out
-
-
-def policy_seeds(seed: int, epoch: int, indices: list[int]) -> list[int]:
-    """The seed of each image's policy draw in `epoch`: one per (run seed, epoch, image index)."""
-    return [mix_seed(seed, epoch, i, 1) for i in indices]  # the 1: a stream apart from the sampler's
-
-
-def augmented_examples(images: np.ndarray, seed: int, rotation: float = 10.0, n: int = 64,
-                       cutout: int = 0, policy: str = "none") -> torch.Tensor:
-    """The first n training images as DeviceLoader augments them in epoch 1 (uint8 n x 3 x 32 x 32, on
-    the CPU): the same per-image parameters, drawn for every image and indexed by it; for showing."""
-    generator = torch.Generator().manual_seed(mix_seed(seed, 1))
-    params = augment_params(len(images), generator, rotation, cutout)
-    x = to_device_images(images[:n], torch.device("cpu"))
-    transform = policy_transform(policy)
-    if transform is not None:
-        x = apply_policy(x, policy_seeds(seed, 1, list(range(len(x)))), transform)
-    return augment_batch(x, **{k: v[:n] for k, v in params.items()}, cutout=cutout)
-
-
-class DeviceLoader(_EpochBatches):
-    """The whole training split held on the training device as uint8, augmented there batch by batch.
-
-    Same order of images as TorchvisionLoader; each image's random parameters come from a generator
-    seeded by (seed, epoch), indexed by the image, so they do not depend on the number of processes."""
-
-    def __init__(self, images: np.ndarray, labels: np.ndarray, batch_size: int, *, seed: int,
-                 device: torch.device, rank: int = 0, world_size: int = 1, rotation: float = 10.0,
-                 epoch_chunk: int | None = None, cutout: int = 0, policy: str = "none", flip: str = "random",
-                 policy_workers: int = 0) -> None:
-        self.batch_size, self.rotation, self.cutout, self.device = batch_size, rotation, cutout, device
-        if flip not in FLIPS:
-            raise ValueError(f"unknown flip {flip!r}; known: {', '.join(FLIPS)}")
-        self.alternate_flips = flip == "alternate"
-        self.policy = policy_transform(policy)
-        # On a GPU the epoch is augmented up front in a few large launches (50,000 images are 600 MB
-        # as float32): at batch 64, launching the augmentation's kernels per batch would cost more
-        # time than the step itself. On the CPU batch by batch: the same pixels, less memory.
-        if epoch_chunk is None:
-            epoch_chunk = EPOCH_CHUNK if device.type == "cuda" else batch_size
-        self.epoch_chunk = epoch_chunk
-        self.images = to_device_images(images, device)
-        # The policy's operations run image by image on the CPU (a GPU would wait on thousands of
-        # tiny launches), from a host copy; on the CPU that copy is the same tensor.
-        self.host_images = self.images if device.type == "cpu" or self.policy is None else \
-            to_device_images(images, torch.device("cpu"))
-        # policy_workers > 0: the policy of a whole epoch, in that many processes, an epoch ahead.
-        self.policy_epochs = None
-        if self.policy is not None and policy_workers > 0:
-            from policy_workers import PolicyEpochs  # imported here: it builds on this module
-            self.policy_epochs = PolicyEpochs(self.host_images, seed, policy, policy_workers)
-        self._epoch_images: torch.Tensor | None = None
-        self.labels = torch.from_numpy(labels).to(device)
-        self.sampler = EpochSampler(len(images), seed, rank, world_size)
-
-    def _source(self, idx: torch.Tensor) -> torch.Tensor:
-        """The images `idx` before the crop, flip and cutout: with the policy applied, if any."""
-        if self.policy is None:
-            return self.images[idx]
-        if self._epoch_images is not None:
-            return self._epoch_images[idx]
-        cpu_idx = idx.cpu()
-        seeds = policy_seeds(self.sampler.seed, self.sampler.epoch, cpu_idx.tolist())
-        return apply_policy(self.host_images[cpu_idx], seeds, self.policy).to(self.device, non_blocking=True)
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        return self._sized(self._batches())
-
-    def close(self) -> None:
-        """Stop the policy's worker processes, if any."""
-        if self.policy_epochs is not None:
-            self.policy_epochs.close()
-
-    def _batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        order = torch.tensor(self.sampler.indices(), dtype=torch.long).to(self.device)
-        if self.policy_epochs is not None:
-            self._epoch_images = self.policy_epochs.epoch(self.sampler.epoch).to(self.device, non_blocking=True)
-        generator = torch.Generator().manual_seed(mix_seed(self.sampler.seed, self.sampler.epoch))
-        params = augment_params(len(self.images), generator, self.rotation, self.cutout)
-        if self.alternate_flips:
-            params["flip"] = alternating_flips(len(self.images), self.sampler.seed, self.sampler.epoch)
-        params = {k: v.to(self.device) for k, v in params.items()}
-        chunk = max(1, self.epoch_chunk // self.batch_size) * self.batch_size  # whole batches per launch
-        for start in range(0, len(order), chunk):
-            idx = order[start:start + chunk]
-            x = normalize_batch(augment_batch(self._source(idx), **{k: v[idx] for k, v in params.items()},
-                                              cutout=self.cutout))
-            y = self.labels[idx]
-            for i in range(0, len(idx), self.batch_size):
-                yield x[i:i + self.batch_size], y[i:i + self.batch_size]
-
-
-class DeviceBatches:
-    """Unaugmented batches of uint8 images held on the device, normalised one batch at a time."""
-
-    def __init__(self, images: np.ndarray, labels: np.ndarray, batch_size: int, device: torch.device) -> None:
-        self.images, self.labels = to_device_images(images, device), torch.from_numpy(labels).to(device)
-        self.batch_size = batch_size
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for i in range(0, len(self.images), self.batch_size):
-            yield normalize_batch(self.images[i:i + self.batch_size]), self.labels[i:i + self.batch_size]
-
-    def __len__(self) -> int:
-        return -(-len(self.images) // self.batch_size)

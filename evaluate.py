@@ -9,7 +9,7 @@ file written by export.py works as well as a .pth (its metadata holds the config
 it prints and writes to --out-dir: loss, top-1/top-3 accuracy, per-class accuracy and the confusion
 matrix, calibration (expected calibration error over 15 confidence bins, a reliability diagram),
 horizontal-flip test-time augmentation (--tta), accuracy under five seeded corruptions at three
-severities (corruptions.py; off by default on the CPU, where it takes minutes), the most
+severities (reports/corruptions.py; off by default on the CPU, where it takes minutes), the most
 confidently wrong test images, the training curves from the checkpoint's history, one summary page
 (summary.png), and report.json with every number printed. Images are held as uint8 and normalised one batch at a time.
 """
@@ -19,7 +19,7 @@ import argparse
 import json
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -29,89 +29,31 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import nn
 from tqdm import tqdm
 
-import corruptions
-import metrics
-import plots
-from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
-from config import OneLineParser
 from data import (
     CLASSES,
     META_FILE,
     TEST_FILE,
     DataError,
     ensure_cifar10,
-    make_eval_loader,
     normalize_batch,
     read_batch,
     read_meta,
     to_device_images,
 )
+from files.lock import FolderInUse, hold
+from files.writes import WriteError, check_folder, replaced
 from model import STANDARD_WIDTHS, count_parameters
-from runtime import autocast, default_amp, pick_device
-from writes import WriteError, check_folder, replaced
+from reports import corruptions, metrics, plots
+from training.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
+from training.config import OneLineParser
+from training.evaluation import make_eval_loader, predict
+from training.run_files import SELECTION_KEYS
+from training.runtime import default_amp, pick_device
 
 IMAGE_SIZE = 32  # pixels; the network's input side
 ERRORS_SHOWN = 24  # the most confidently wrong test images drawn in confident_errors.png
 HISTORY_KEYS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc")  # what a curve needs per epoch
-SELECTION_KEYS = ("val_loss", "val_acc")  # of those, null after an epoch not evaluated (train.py --eval-every)
 REPORT_ROOM = 2_000_000  # bytes free asked of --out-dir: its figures and report.json took 0.76 MB (1,000 images)
-
-
-def _prepare(x: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
-    x = x.to(device, non_blocking=True)
-    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
-
-
-def shifted(x: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
-    """Normalised images moved by (dy, dx) pixels, the uncovered border black: the colour the
-    training crop's zero padding has after normalisation."""
-    h, w = x.shape[-2:]
-    black = normalize_batch(torch.zeros(1, x.shape[1], 1, 1, dtype=torch.uint8, device=x.device)).to(x.dtype)
-    out = torch.empty_like(x)  # the same memory format as x
-    out[:] = black
-    out[..., max(dy, 0):h + min(dy, 0), max(dx, 0):w + min(dx, 0)] = \
-        x[..., max(-dy, 0):h + min(-dy, 0), max(-dx, 0):w + min(-dx, 0)]
-    return out
-
-
-def forward(model: nn.Module, x: torch.Tensor, *, tta: bool = False, shift: int = 0) -> torch.Tensor:
-    """Logits (float32); with `tta`, the mean of the logits of the images and their mirror images,
-    and with `shift` also of both moved by `shift` pixels down-right and up-left (6 views)."""
-    if not tta:
-        return model(x).float()
-    views = [x] + [shifted(x, d, d) for d in ((shift, -shift) if shift else ())]
-    return torch.stack([model(v).float() + model(v.flip(3)).float() for v in views]).sum(0) / (2 * len(views))
-
-
-@torch.inference_mode()
-def evaluate(model: nn.Module, loader, device: torch.device, *, amp: bool = False, channels_last: bool = False,
-             tta: bool = False, shift: int = 0, reduce: Callable[[torch.Tensor], torch.Tensor] = lambda t: t) -> dict:
-    """Mean cross-entropy and top-1 accuracy (%) over a loader; `reduce` sums the totals across ranks."""
-    model.eval()
-    sums = torch.zeros(3, device=device)  # loss sum, correct, images; kept on the device: no per-batch sync
-    for x, y in loader:
-        x, y = _prepare(x, device, channels_last), y.to(device, non_blocking=True)
-        with autocast(device, amp):
-            logits = forward(model, x, tta=tta, shift=shift)
-        sums[0] += F.cross_entropy(logits, y, reduction="sum")
-        sums[1] += (logits.argmax(1) == y).sum()
-        sums[2] += len(y)
-    loss_sum, correct, n = reduce(sums).tolist()
-    return {"loss": loss_sum / max(n, 1), "acc": 100.0 * correct / max(n, 1), "n": int(n)}
-
-
-@torch.inference_mode()
-def predict(model: nn.Module, loader, device: torch.device, *, amp: bool = False, channels_last: bool = False,
-            tta: bool = False, shift: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits (float32, on the CPU) and labels for every image, one batch in memory at a time."""
-    model.eval()
-    all_logits, all_labels = [], []
-    for x, y in loader:
-        with autocast(device, amp):
-            logits = forward(model, _prepare(x, device, channels_last), tta=tta, shift=shift)
-        all_logits.append(logits.cpu())
-        all_labels.append(y.cpu())
-    return torch.cat(all_logits), torch.cat(all_labels)
 
 
 def classification_report(logits: torch.Tensor, labels: torch.Tensor, classes: tuple[str, ...]) -> dict:
@@ -385,6 +327,9 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointError, DataError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except FolderInUse as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
 
 
 def load_test_set(data_dir: str, limit: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -415,7 +360,13 @@ def run(args: argparse.Namespace) -> int:
     if args.image:
         return classify_files(model, args.image, device, args.batch_size, args.tta, args.amp, args.tta_shift)
     out_dir = Path(args.out_dir or Path("eval") / Path(args.checkpoint).stem)
-    try:  # before the test set is read and measured; the folder itself is made when the first figure is written
+    with hold(out_dir, "--out-dir"):  # one writer at a time; the folder is removed again if nothing is written
+        return write_report(model, ckpt, device, args, out_dir)
+
+
+def write_report(model: nn.Module, ckpt: dict, device: torch.device, args: argparse.Namespace, out_dir: Path) -> int:
+    """Measure the model on the test set and write report.json and the figures into `out_dir`."""
+    try:  # before the test set is read and measured
         check_folder(out_dir, REPORT_ROOM, "the report and its figures")
     except WriteError as e:
         raise ValueError(f"cannot write to --out-dir {out_dir}: {e.why}; {e.remedy}") from None

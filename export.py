@@ -30,7 +30,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from checkpoint import (
+from data import CIFAR10_MEAN, CIFAR10_STD, CLASSES, TEST_FILE, DataError, ensure_cifar10, normalize_batch, read_batch
+from files.writes import WriteError, check_folder, replaced
+from training.checkpoint import (
     DIGEST_KEY,
     OPTIONAL,
     CheckpointError,
@@ -40,9 +42,7 @@ from checkpoint import (
     model_from_checkpoint,
     tensor_digest,
 )
-from config import OneLineParser
-from data import CIFAR10_MEAN, CIFAR10_STD, CLASSES, TEST_FILE, DataError, ensure_cifar10, normalize_batch, read_batch
-from writes import WriteError, check_folder, replaced
+from training.config import OneLineParser
 
 ONNX_OPSET = 21  # the newest opset that onnxruntime 1.18 (requirements-optional.txt's oldest) runs
 VERIFY_IMAGES = 1000  # test images run through both runtimes after an ONNX export

@@ -12,8 +12,8 @@ From GitHub (torch.hub downloads the repository, the shipped checkpoint included
     model = torch.hub.load("OWNER/REPO:main", "resnet9", pretrained=True, trust_repo=True)
 
 Two sets of weights ship: `resnet9` has the paper's recipe (model/learn_rate_consistent_model.pth),
-`resnet9_best` the same network trained with `--recipe best` (model/resnet9_best.pth; README,
-"Results"):
+`resnet9_best` the same network trained with `--recipe best` (model/resnet9_best.pth;
+docs/results.md):
 
     model = torch.hub.load("path/to/this/repo", "resnet9_best", source="local")
 
@@ -53,12 +53,12 @@ def resnet9(pretrained: bool = False, weights: str | None = None, num_classes: i
 def resnet9_best() -> nn.Module:
     """The same ResNet9 (4,903,242 parameters, ReLU) trained with `python train.py --recipe best`:
     the shipped model/resnet9_best.pth, in eval mode. Its inputs and outputs are resnet9's; its
-    accuracy and the run that made it are in the README's results table."""
+    accuracy and the run that made it are in docs/results.md."""
     return _pretrained(BEST_WEIGHTS, 10)
 
 
 def _pretrained(path: Path, num_classes: int) -> nn.Module:
-    from checkpoint import load_checkpoint, model_from_checkpoint
+    from training.checkpoint import load_checkpoint, model_from_checkpoint
 
     model = model_from_checkpoint(load_checkpoint(path), path)
     if model.linear.out_features != num_classes:

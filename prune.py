@@ -25,7 +25,7 @@ remainder): after each step with epochs of its own, train.py's `fit` trains the 
 from its pruned weights, in DIR/step-k/ (--finetune-dir), as an ordinary run: checkpoints,
 history, curves; `python train.py --resume DIR/step-k/last.pth` continues it. The next step
 prunes that run's best checkpoint. The recipe is the checkpoint's own; train.py flags given here
-change it (and --teacher distils, distill.py).
+change it (and --teacher distils, training/distill.py).
 
 --out gets a checkpoint like any other (evaluate.py, export.py and hubconf.py read it), with a
 `pruning` record: the parent and its SHA-256, the criterion, the MACs and parameters asked and
@@ -34,6 +34,7 @@ reached. torch-pruning comes from requirements-optional.txt (docs/compression.md
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import math
 import os
@@ -45,7 +46,11 @@ import torch
 from torch import nn
 
 import train
-from checkpoint import (
+from data import DataError
+from files.lock import FolderInUse, hold
+from files.writes import WriteError, check_folder
+from model import ResNet, resnet9, widths_of
+from training.checkpoint import (
     CheckpointError,
     checkpoint_size,
     clean_state_dict,
@@ -54,7 +59,7 @@ from checkpoint import (
     model_from_checkpoint,
     save_checkpoint,
 )
-from config import (
+from training.config import (
     NONNEG_INT,
     POSITIVE_INT,
     RECIPES,
@@ -64,11 +69,8 @@ from config import (
     UsageError,
     parse_args,
 )
-from data import DataError
-from distill import KD_FLAGS
-from model import ResNet, resnet9, widths_of
-from runtime import pick_device
-from writes import WriteError, check_folder
+from training.distill import KD_FLAGS
+from training.runtime import pick_device
 
 # The criteria that rank the channels of a coupled group (torch-pruning's importances; the group's
 # layers' scores of a channel are averaged):
@@ -214,6 +216,12 @@ def run(args: argparse.Namespace, rest: list[str]) -> int:
     require_torch_pruning()
     given, train_args = parse_args(rest)
     check_args(args, given, train_args)
+    finetune_dir = Path(args.finetune_dir or Path(args.out).with_name(f"{Path(args.out).stem}-finetune"))
+    with hold(finetune_dir, "--finetune-dir") if args.finetune_epochs else contextlib.nullcontext():
+        return prune_and_finetune(args, given, finetune_dir)  # one writer per fine-tune folder, as train.py
+
+
+def prune_and_finetune(args: argparse.Namespace, given: dict, finetune_dir: Path) -> int:
     source, out = Path(args.checkpoint), Path(args.out)
     parent = load_checkpoint(source)
     model = model_from_checkpoint(parent, source).eval()
@@ -222,7 +230,6 @@ def run(args: argparse.Namespace, rest: list[str]) -> int:
     except WriteError as e:
         raise UsageError(f"cannot write --out {out}: {e.why}; {e.remedy}") from None
     cfg = finetune_config(parent.get("config", {}), given)
-    finetune_dir = Path(args.finetune_dir or out.with_name(f"{out.stem}-finetune"))
     base_macs, base_params = macs_and_params(model)
     record = {"parent": str(source), "parent_sha256": file_sha256(source), "importance": args.importance,
               "flops": args.flops, "steps": args.steps, "round_to": args.round_to,
@@ -302,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     except (UsageError, CheckpointError, DataError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except (train.NonFiniteLoss, WriteError) as e:  # a failed write: the file it would replace is kept
+    except (train.NonFiniteLoss, WriteError, FolderInUse) as e:  # a failed write: the file it would replace is kept
         print(f"error: {e}", file=sys.stderr)
         return 1
 

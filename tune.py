@@ -43,11 +43,21 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 import train
-from checkpoint import CheckpointError
-from config import NONNEG_INT, RUN_ENVIRONMENT, OneLineParser, UsageError, fresh_config, parse_args
 from data import DataError
-from runtime import pick_device
-from writes import WriteError, causes, missing_folders, reason, remove_empty, replaced
+from files.lock import hold
+from files.writes import WriteError, causes, missing_folders, reason, remove_empty, replaced
+from training.checkpoint import CheckpointError
+from training.config import (
+    NONNEG_INT,
+    RUN_ENVIRONMENT,
+    OneLineParser,
+    TrainConfig,
+    UsageError,
+    fresh_config,
+    parse_args,
+)
+from training.run import Run
+from training.runtime import pick_device
 
 if TYPE_CHECKING:
     import optuna
@@ -273,7 +283,7 @@ def make_objective(fixed: list[str], folder: Path, device, fatal: list[Exception
         print(f"trial {trial.number}: {command_line([*flags, '--out', str(trial_dir)])}", flush=True)
         best = {"acc": -1.0, "epoch": 0}
 
-        def report(run: train.Run) -> None:
+        def report(run: Run) -> None:
             row = run.progress.history[-1]
             if row["val_acc"] is None:  # an epoch not evaluated (--eval-every): nothing to report
                 return
@@ -458,7 +468,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-def fixed_flags(rest: list[str]) -> tuple[list[str], train.TrainConfig]:
+def fixed_flags(rest: list[str]) -> tuple[list[str], TrainConfig]:
     """The train.py flags that stay fixed, checked, with the best-weights reload made explicit (its
     default may change); and the config they give."""
     given, args = parse_args(rest)
@@ -525,8 +535,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # the study's database could not be written while a trial was recorded
         fatal.append(_failed_write(e, url))
     print(f"this process ran for {(time.perf_counter() - start) / 60:.1f} min")
-    try:
-        best = summarize(study, folder, shown)
+    try:  # the workers of a study share its folder: each trial has its own (locked by train.fit), and the
+        with hold(folder, "--out", wait=True):  # summary files are written by one worker at a time
+            best = summarize(study, folder, shown)
     except Exception as e:  # a full or read-only disk: the first failure is the one said
         fatal.append(_failed_write(e, url))
     if fatal:

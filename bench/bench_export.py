@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import export
-from checkpoint import load_checkpoint, model_from_checkpoint
+from training.checkpoint import load_checkpoint, model_from_checkpoint
 
 
 def main() -> int:

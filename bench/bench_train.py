@@ -32,13 +32,15 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from config import TrainConfig, fresh_config
-from data import DeviceLoader, TorchvisionLoader, default_workers, load_cifar10, make_eval_loader
-from evaluate import evaluate
+from data import TorchvisionLoader, load_cifar10
 from model import build_model
-from runtime import StopFlag, compile_model, cpu_bf16, pick_device
-from step import make_step
-from train import EVAL_BATCH, platform_defaults, train_one_epoch
+from train import train_one_epoch
+from training.config import TrainConfig, fresh_config
+from training.device_loader import DeviceLoader
+from training.evaluation import evaluate, make_eval_loader
+from training.run import EVAL_BATCH, platform_defaults
+from training.runtime import StopFlag, compile_model, cpu_bf16, default_workers, pick_device
+from training.step import make_step
 
 
 @dataclasses.dataclass

@@ -91,9 +91,9 @@ def measure(name: str, args: argparse.Namespace, out: Path) -> dict:
     code, seconds = timed(["export.py", str(ckpt), "--format", "onnx", "--out", str(onnx), "--data-dir",
                            args.data_dir, *args.export_extra], out / "logs" / f"{name}-export.log")
     result.update(export_exit=code, export_s=round(seconds, 1), onnx=str(onnx) if code == 0 else None)
-    from checkpoint import load_checkpoint, model_from_checkpoint
     from model import widths_of
     from prune import macs_and_params
+    from training.checkpoint import load_checkpoint, model_from_checkpoint
     model = model_from_checkpoint(load_checkpoint(ckpt), ckpt)
     macs, params = macs_and_params(model)
     result.update(macs=macs, params=params, widths=widths_of(model))
@@ -166,7 +166,7 @@ def plot(results: list[dict], path: Path) -> None:
         ax.set_ylabel("held-out accuracy, 6-view TTA (%)")
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    from plots import save_figure
+    from reports.plots import save_figure
     path.parent.mkdir(parents=True, exist_ok=True)
     print(f"wrote {save_figure(fig, path)}")
 

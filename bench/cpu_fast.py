@@ -55,7 +55,7 @@ VARIANTS: dict[str, list[str]] = {
     "fast-e10-elu": ["--epochs", "10", "--activation", "elu"],
     "fast-e10-celu": ["--epochs", "10", "--activation", "celu"],
     "fast-e10-gelu": ["--epochs", "10", "--activation", "gelu"],
-    # distillation (distill.py), the teachers' cost counted: the recipe's seed-0 run as teacher, and the
+    # distillation (training/distill.py), the teachers' cost counted: the recipe's seed-0 run as teacher, and the
     # ensemble of its three seeds; {out} is --out, where those runs are
     "fast-kd": ["--teacher", "{out}/runs/fast-s0/learn_rate_consistent_model.pth"],
     "fast-kd-ens": [arg for seed in range(3) for arg in ("--teacher", f"{{out}}/runs/fast-s{seed}/"
@@ -139,8 +139,8 @@ def plot(results: list[dict], path: Path) -> None:
     ax.set_title(f"ResNet9 fast recipe on the CIFAR-10 JPEG proxy, 2 CPU cores\n{'; '.join(cpus)}", fontsize=9)
     ax.legend(fontsize=8, loc="lower right")
     ax.grid(alpha=0.3)
-    sys.path.insert(0, str(ROOT))  # plots.py, the project's figure writer (whole or not at all)
-    from plots import save_figure
+    sys.path.insert(0, str(ROOT))  # reports/plots.py, the project's figure writer (whole or not at all)
+    from reports.plots import save_figure
     path.parent.mkdir(parents=True, exist_ok=True)
     print(f"wrote {save_figure(fig, path)}")
 

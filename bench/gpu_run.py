@@ -1,4 +1,4 @@
-"""Every GPU figure of the README in one command: CUDA tests, benchmark, fast recipe, paper recipe.
+"""Every GPU figure of docs/results.md in one command: CUDA tests, benchmark, fast recipe, paper recipe.
 
     python bench/gpu_run.py --out /tmp/gpu --data-dir /tmp/cifar10     # on a CUDA machine, ~8 min
     python bench/gpu_run.py --out /tmp/gpu --resume-from /tmp/gpu      # continue what did not finish
@@ -341,7 +341,7 @@ def stage_paper(args, plan: Plan, out: Path, clock: Clock) -> dict:
 
 def stage_reading(args, plan: Plan, out: Path, clock: Clock, paper: dict) -> dict:
     """The other reading of the paper's reload, for as many epochs as fit (30 at least)."""
-    from config import TrainConfig
+    from training.config import TrainConfig
     flag = "--no-reload-best" if TrainConfig().reload_best else "--reload-best"
     same = [f for f in paper.get("flags", "").split() if f == "--no-cuda-graph"]  # as the paper run went
     per_epoch = paper.get("seconds_per_epoch") or 10.0
@@ -351,7 +351,7 @@ def stage_reading(args, plan: Plan, out: Path, clock: Clock, paper: dict) -> dic
     result = _train_paper(args, plan, out, clock, "reading", [flag, *same], epochs)
     histories = {name: read_history(out / name / "history.json") for name in ("paper", "reading")}
     if all(histories.values()):
-        import plots
+        from reports import plots
         default = "reload after a worse epoch" if TrainConfig().reload_best else "no reload"
         other = "no reload" if TrainConfig().reload_best else "reload after a worse epoch"
         plots.save_run_comparison({f"default ({default})": histories["paper"], f"{flag} ({other})":

@@ -105,10 +105,10 @@ def score(run_dir: Path, data_dir: str, device: str, limit: int = 0) -> dict:
     with flip TTA, and with flip and 2-pixel shifts."""
     import torch
 
-    from checkpoint import load_checkpoint, model_from_checkpoint
-    from data import make_eval_loader
-    from evaluate import channels_last, evaluate, load_test_set
-    from runtime import default_amp, pick_device
+    from evaluate import channels_last, load_test_set
+    from training.checkpoint import load_checkpoint, model_from_checkpoint
+    from training.evaluation import evaluate, make_eval_loader
+    from training.runtime import default_amp, pick_device
 
     ckpt = load_checkpoint(run_dir / "last.pth")
     if isinstance(ckpt.get("ema"), dict) and isinstance(ckpt["ema"].get("model"), dict):

@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from data import CLASSES  # noqa: E402
+from training.checkpoint import load_checkpoint  # noqa: E402
 
 TINY_TRAIN_PER_CLASS = 14  # 140 training images: 2 steps of 64 plus a partial one
 TINY_TEST_PER_CLASS = 5
@@ -170,7 +171,7 @@ def remount(where: Path, options: str) -> None:
 
 def stop_at_training_step(monkeypatch, k: int) -> None:
     """Send this process SIGINT inside the k-th training forward pass of train.py, as Ctrl-C would."""
-    import train
+    import training.run
     calls = {"n": 0}
 
     def cross_entropy(*args, **kwargs):
@@ -178,13 +179,13 @@ def stop_at_training_step(monkeypatch, k: int) -> None:
         if calls["n"] == k:
             os.kill(os.getpid(), signal.SIGINT)
         return F.cross_entropy(*args, **kwargs)
-    monkeypatch.setattr(train, "F", types.SimpleNamespace(cross_entropy=cross_entropy))
+    monkeypatch.setattr(training.run, "F", types.SimpleNamespace(cross_entropy=cross_entropy))
 
 
 def final_state(out: Path):
     """A finished run's weights, optimizer state and history, from its last.pth."""
     import train
-    last = train.load_checkpoint(out / train.LAST_NAME)
+    last = load_checkpoint(out / train.LAST_NAME)
     return last["model"], last["optimizer"]["state"], last["progress"]["history"]
 
 

@@ -8,17 +8,9 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from conftest import synthetic_images
-from data import (
-    PAD,
-    DeviceBatches,
-    DeviceLoader,
-    TorchvisionLoader,
-    augment_batch,
-    augment_params,
-    eval_transform,
-    to_device_images,
-    train_transform,
-)
+from data import PAD, TorchvisionLoader, eval_transform, to_device_images, train_transform
+from training.device_loader import DeviceLoader, augment_batch, augment_params
+from training.evaluation import DeviceBatches
 
 CPU = torch.device("cpu")
 

@@ -9,12 +9,13 @@ import evaluate
 import export
 import hubconf
 import train
-from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
-from config import RECIPES, fresh_config
 from conftest import synthetic_images, tiny_train_args
-from data import DeviceLoader, TorchvisionLoader, apply_policy, augmented_examples, policy_seeds, policy_transform
+from data import TorchvisionLoader, policy_transform
 from model import ACTIVATIONS, build_model, count_parameters, make_activation, resnet9
-from policy_workers import PolicyEpochs, default_policy_workers
+from training.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, save_checkpoint
+from training.config import RECIPES, fresh_config
+from training.device_loader import DeviceLoader, augmented_examples
+from training.policy_workers import PolicyEpochs, apply_policy, default_policy_workers, policy_seeds
 
 CPU = torch.device("cpu")
 
@@ -192,6 +193,6 @@ def test_best_recipe_with_elu_trains_and_the_checkpoint_rebuilds_elu_everywhere(
 def test_a_checkpoint_naming_an_unknown_activation_is_refused_in_one_line(trained_run, tmp_path):
     ckpt = load_checkpoint(trained_run / train.BEST_NAME)
     ckpt["config"]["activation"] = "swish"
-    train.save_checkpoint(ckpt, tmp_path / "bad.pth")
+    save_checkpoint(ckpt, tmp_path / "bad.pth")
     with pytest.raises(CheckpointError, match="activation='swish'"):
         load_checkpoint(tmp_path / "bad.pth")

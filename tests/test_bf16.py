@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from model import resnet9
-from runtime import autocast, cpu_bf16
-from step import EagerStep
+from training.runtime import autocast, cpu_bf16
+from training.step import EagerStep
 
 NATIVE, HAS = cpu_bf16()
 CPU = torch.device("cpu")

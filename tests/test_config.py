@@ -6,9 +6,12 @@ from pathlib import Path
 import pytest
 import torch
 
-import runtime
 import train
-from config import (
+from conftest import tiny_train_args
+from model import resnet9
+from training import runtime
+from training.checkpoint import load_checkpoint
+from training.config import (
     RECIPES,
     TrainConfig,
     UsageError,
@@ -20,8 +23,8 @@ from config import (
     resolution_at,
     resumed_config,
 )
-from conftest import tiny_train_args
-from model import resnet9
+from training.optim import make_optimizer
+from training.run import platform_defaults
 
 
 def test_recipes():
@@ -67,12 +70,12 @@ def test_resumed_config_keeps_the_recipe():
 def test_platform_defaults(monkeypatch, features, amp):
     """bf16 by default on CUDA and on a CPU with native bf16 (AMX or AVX512-BF16), fp32 elsewhere."""
     monkeypatch.setattr(runtime, "cpu_features", lambda: features)
-    cpu = train.platform_defaults(TrainConfig(), torch.device("cpu"))
+    cpu = platform_defaults(TrainConfig(), torch.device("cpu"))
     assert cpu.amp is amp and cpu.channels_last is True
     assert runtime.default_amp(torch.device("cpu"))[1].startswith("bf16" if amp else "fp32")
-    cuda = train.platform_defaults(TrainConfig(), torch.device("cuda"))
+    cuda = platform_defaults(TrainConfig(), torch.device("cuda"))
     assert cuda.amp is True and cuda.channels_last is True
-    forced = train.platform_defaults(TrainConfig(amp=False, channels_last=False), torch.device("cuda"))
+    forced = platform_defaults(TrainConfig(amp=False, channels_last=False), torch.device("cuda"))
     assert forced.amp is False and forced.channels_last is False
 
 
@@ -88,7 +91,7 @@ def test_fast_recipe_runs_end_to_end(tiny_cifar, tmp_path):
     """The fast recipe's pieces together (schedule, Nesterov, label smoothing, no rotation, cutout, 6-view TTA)."""
     args = tiny_train_args(tiny_cifar, tmp_path, "--recipe", "fast", "--batch-size", "64", "--epochs", "2")
     assert train.main(args) == 0
-    last = train.load_checkpoint(tmp_path / train.LAST_NAME)
+    last = load_checkpoint(tmp_path / train.LAST_NAME)
     assert last["config"]["recipe"] == "fast" and last["config"]["batch_size"] == 64
     history = last["progress"]["history"]
     assert history[0]["lr"] > history[1]["lr"] >= 0  # decaying after the warm-up
@@ -107,7 +110,7 @@ def test_optimizer_adamw_trains_resumes_and_refuses_nesterov(tiny_cifar, tmp_pat
     args = tiny_train_args(tiny_cifar, tmp_path, "--optimizer", "adamw", "--lr", "0.002", "--momentum", "0.8",
                            "--weight-decay", "0.05", "--epochs", "1")
     assert train.main(args) == 0
-    last = train.load_checkpoint(tmp_path / train.LAST_NAME)
+    last = load_checkpoint(tmp_path / train.LAST_NAME)
     group = last["optimizer"]["param_groups"][0]
     assert last["config"]["optimizer"] == "adamw"
     assert tuple(group["betas"]) == (0.8, 0.999)
@@ -117,7 +120,7 @@ def test_optimizer_adamw_trains_resumes_and_refuses_nesterov(tiny_cifar, tmp_pat
     assert train.main([*resume, "--optimizer", "sgd"]) == 2
     assert "a resumed run keeps its recipe" in capsys.readouterr().err
     assert train.main(resume) == 0  # goes on with AdamW and its moments
-    assert train.load_checkpoint(tmp_path / train.LAST_NAME)["epoch"] == 2
+    assert load_checkpoint(tmp_path / train.LAST_NAME)["epoch"] == 2
     assert train.main(tiny_train_args(tiny_cifar, tmp_path / "fast", "--recipe", "fast", "--optimizer", "adamw")) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--no-nesterov" in err
@@ -125,7 +128,7 @@ def test_optimizer_adamw_trains_resumes_and_refuses_nesterov(tiny_cifar, tmp_pat
 
 def test_paper_optimizer_is_sgd():
     model = resnet9()
-    optimizer = train.make_optimizer(TrainConfig(), model, torch.device("cpu"))
+    optimizer = make_optimizer(TrainConfig(), model, torch.device("cpu"))
     assert type(optimizer) is torch.optim.SGD
     group = optimizer.param_groups[0]
     assert (group["lr"], group["momentum"], group["nesterov"], group["weight_decay"]) == (0.01, 0.9, False, 0.0)

@@ -33,6 +33,6 @@ def test_a_distillation_variant_takes_its_teacher_from_the_recipes_run_in_out(ti
     assert student["train_exit"] == 0 and "tta" in student
     teacher = str(out / "runs" / "fast-s0" / "learn_rate_consistent_model.pth")
     assert student["flags"][:2] == ["--teacher", teacher]
-    from checkpoint import load_checkpoint
+    from training.checkpoint import load_checkpoint
     config = load_checkpoint(out / "runs" / "fast-kd-s0" / "last.pth")["config"]
     assert config["teacher"] == [teacher] and len(config["teacher_sha256"][0]) == 64

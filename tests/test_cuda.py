@@ -20,11 +20,11 @@ import torch.nn.functional as F
 import data
 import evaluate
 import train
-from checkpoint import load_checkpoint
 from conftest import synthetic_images, write_cifar_folder
 from model import resnet9
-from runtime import compile_model
-from step import CudaGraphStep, EagerStep
+from training.checkpoint import load_checkpoint
+from training.runtime import compile_model
+from training.step import CudaGraphStep, EagerStep
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible: CUDA tests skipped")]

@@ -1,4 +1,4 @@
-"""Knowledge distillation (distill.py, train.py --teacher): the loss is the formula, the teachers see
+"""Knowledge distillation (training/distill.py, train.py --teacher): the loss is the formula, the teachers see
 the student's batch in eval mode under its autocast, several average, and a teacher is recorded,
 checked on resume and refused in one line where it cannot teach."""
 from __future__ import annotations
@@ -14,12 +14,13 @@ import torch.nn.functional as F
 from torch import nn
 
 import train
-from checkpoint import file_sha256, load_checkpoint, save_checkpoint
-from config import TrainConfig, UsageError
 from conftest import ROOT, tiny_train_args
-from distill import DistillationLoss, load_teachers, soft_target_loss
 from model import resnet9
-from step import EagerStep
+from training.checkpoint import file_sha256, load_checkpoint, save_checkpoint
+from training.config import TrainConfig, UsageError
+from training.distill import DistillationLoss, load_teachers, soft_target_loss
+from training.run import platform_defaults
+from training.step import EagerStep
 
 CPU = torch.device("cpu")
 
@@ -141,9 +142,9 @@ def test_load_teachers_checks_the_digests_it_is_given(trained_run):
 
 def test_the_cuda_graph_is_refused_with_a_teacher():
     cfg = TrainConfig(teacher=["t.pth"])
-    assert train.platform_defaults(cfg, torch.device("cuda")).cuda_graph is False  # the default: eager steps
+    assert platform_defaults(cfg, torch.device("cuda")).cuda_graph is False  # the default: eager steps
     with pytest.raises(UsageError, match="--cuda-graph: a teacher's forward"):
-        train.platform_defaults(TrainConfig(teacher=["t.pth"], cuda_graph=True), torch.device("cuda"))
+        platform_defaults(TrainConfig(teacher=["t.pth"], cuda_graph=True), torch.device("cuda"))
 
 
 def test_two_processes_distil_as_one(trained_run, tiny_cifar, tmp_path):

@@ -13,8 +13,11 @@ import torch
 
 import evaluate
 import train
-from checkpoint import load_checkpoint
 from conftest import remount
+from training.checkpoint import load_checkpoint
+from training.config import TrainConfig, UsageError, fresh_config
+from training.run import build_training
+from training.runtime import Distributed
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -41,7 +44,7 @@ def test_two_processes_take_the_same_first_step_as_one(tiny_cifar, tmp_path, cap
     one_ckpt, two_ckpt = (load_checkpoint(tmp_path / name / train.LAST_NAME) for name in ("one", "two"))
     loss_one, loss_two = (c["progress"]["history"][0]["train_loss"] for c in (one_ckpt, two_ckpt))
     assert abs(loss_one - loss_two) < 1e-5 * loss_one
-    initial = train.build_training(train.TrainConfig(), torch.device("cpu"), train.Distributed())[0].state_dict()
+    initial = build_training(TrainConfig(), torch.device("cpu"), Distributed())[0].state_dict()
     assert not torch.equal(one_ckpt["model"]["conv1.weight"], initial["conv1.weight"])  # the step did move them
     for key, value in one_ckpt["model"].items():
         torch.testing.assert_close(two_ckpt["model"][key], value, rtol=1e-4, atol=1e-4, msg=key)
@@ -65,9 +68,9 @@ def test_two_processes_take_the_same_first_step_as_one(tiny_cifar, tmp_path, cap
 
 
 def test_uneven_global_batch_is_refused(tiny_cifar, tmp_path):
-    cfg = train.fresh_config({"batch_size": 33, "data_dir": str(tiny_cifar), "out": str(tmp_path)})
-    with pytest.raises(train.UsageError, match="--batch-size 33 is the global batch and must divide evenly over 2"):
-        train.fit(cfg, dist=train.Distributed(rank=0, world_size=2), device=torch.device("cpu"))
+    cfg = fresh_config({"batch_size": 33, "data_dir": str(tiny_cifar), "out": str(tmp_path)})
+    with pytest.raises(UsageError, match="--batch-size 33 is the global batch and must divide evenly over 2"):
+        train.fit(cfg, dist=Distributed(rank=0, world_size=2), device=torch.device("cpu"))
 
 
 def _rank_pid(parent: int, rank: int) -> int | None:

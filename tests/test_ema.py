@@ -6,9 +6,9 @@ import torch
 from torch import nn
 
 import train
-from checkpoint import load_checkpoint, save_checkpoint
 from conftest import assert_same_run, final_state, stop_at_training_step, tiny_train_args
-from ema import WeightAverage
+from training.checkpoint import load_checkpoint, save_checkpoint
+from training.ema import WeightAverage
 
 
 def test_the_average_follows_the_warmed_up_decay_and_copies_the_buffers():

@@ -8,8 +8,8 @@ import torch
 
 import evaluate
 import train
-from checkpoint import save_checkpoint
 from model import BasicBlock, ResNet
+from training.checkpoint import save_checkpoint
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -99,7 +99,7 @@ def test_bad_batch_size_is_rejected(trained_run, capsys):
 
 @pytest.mark.parametrize("prefix", ["module.", "_orig_mod.", "module._orig_mod."])
 def test_wrapped_state_dict_keys_load(trained_run, tmp_path, prefix):
-    from checkpoint import load_checkpoint, model_from_checkpoint
+    from training.checkpoint import load_checkpoint, model_from_checkpoint
     ckpt = load_checkpoint(trained_run / train.BEST_NAME)
     ckpt["model"] = {prefix + k: v for k, v in ckpt["model"].items()}
     save_checkpoint(ckpt, tmp_path / "wrapped.pth")  # a new digest: the renamed tensors are another checkpoint
@@ -112,7 +112,7 @@ def test_tta_shift_averages_six_views_moved_with_a_black_border():
     up-left, and the mirror image of each; uncovered pixels are black (zero before normalisation),
     as the training crop's padding is."""
     from data import normalize_batch
-    from evaluate import forward, shifted
+    from training.evaluation import forward, shifted
 
     x = normalize_batch(torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8))
     black = normalize_batch(torch.zeros(1, 3, 1, 1, dtype=torch.uint8))

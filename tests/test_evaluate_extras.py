@@ -7,12 +7,11 @@ import torch
 from PIL import Image
 from torch import nn
 
-import corruptions
 import evaluate
-import metrics
 import train
 from conftest import synthetic_images
 from data import normalize_batch, to_device_images
+from reports import corruptions, metrics
 
 PNG = b"\x89PNG\r\n\x1a\n"
 CPU = torch.device("cpu")

@@ -18,9 +18,9 @@ import torch
 import evaluate
 import export
 import train
-from checkpoint import DIGEST_KEY, CheckpointError, load_checkpoint, model_from_checkpoint, save_checkpoint
 from conftest import ROOT
 from data import CLASSES, TEST_FILE, normalize_batch, read_batch
+from training.checkpoint import DIGEST_KEY, CheckpointError, load_checkpoint, model_from_checkpoint, save_checkpoint
 
 
 def _one_line(code: int, err: str, expect: int, *needles: str) -> None:

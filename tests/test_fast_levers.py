@@ -7,11 +7,14 @@ import numpy as np
 import pytest
 import torch
 
-import optim
 import train
-from config import TrainConfig, get_args_parser, resolution_at
 from conftest import synthetic_images, tiny_train_args
-from data import DeviceLoader, TorchvisionLoader, alternating_flips, resize_batch
+from data import TorchvisionLoader, resize_batch
+from training import optim
+from training.checkpoint import load_checkpoint
+from training.config import TrainConfig, get_args_parser, resolution_at
+from training.device_loader import DeviceLoader, alternating_flips
+from training.run import cuda_graph_problem
 
 CPU = torch.device("cpu")
 
@@ -64,11 +67,11 @@ def test_a_run_with_progressive_resizing_trains_small_then_evaluates_at_32(tiny_
     args = tiny_train_args(tiny_cifar, tmp_path, "--epochs", "4", "--min-res", "16", "--res-ramp", "0.5,0.5")
     assert train.main(args) == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("epoch")]
-    history = train.load_checkpoint(tmp_path / train.LAST_NAME)["progress"]["history"]
+    history = load_checkpoint(tmp_path / train.LAST_NAME)["progress"]["history"]
     assert [h["resolution"] for h in history] == [16, 16, 32, 32]
     assert "16 px" in lines[0] and "32 px" in lines[3]
     assert all(h["val_acc"] is not None for h in history)  # evaluated on 32-pixel images every epoch
-    problem = train.cuda_graph_problem(TrainConfig(min_res=16), torch.device("cuda"))
+    problem = cuda_graph_problem(TrainConfig(min_res=16), torch.device("cuda"))
     assert problem is not None and "--min-res" in problem
 
 
@@ -107,7 +110,7 @@ def test_batchnorm_groups_scale_the_bias_rate_and_freeze_the_weights(tiny_cifar,
     args = tiny_train_args(tiny_cifar, tmp_path, "--schedule", "linear", "--lr", "0.05", "--weight-decay", "5e-4",
                            "--bn-bias-lr-scale", "8", "--bn-freeze-weight")
     assert train.main(args) == 0
-    last = train.load_checkpoint(tmp_path / train.LAST_NAME)
+    last = load_checkpoint(tmp_path / train.LAST_NAME)
     weights = last["model"]
     assert all(torch.equal(v, torch.ones_like(v)) for k, v in weights.items()
                if k.endswith("weight") and ("bn" in k or "shortcut.1" in k))  # the scales never moved

@@ -1,5 +1,4 @@
-"""Faults and bad input: nothing is lost, and nothing runs that shouldn't (README, "What survives a
-crash, and what is checked on load").
+"""Faults and bad input: nothing is lost, and nothing runs that shouldn't (docs/reliability.md).
 
 Crash safety (SIGKILL mid-epoch and half-way through each checkpoint write, SIGTERM, SIGINT), output
 folders, flags, damaged data sets, fuzzed checkpoints, --deterministic, and evaluate.py's memory.
@@ -39,13 +38,13 @@ import numpy as np
 import pytest
 import torch
 
-import checkpoint
 import evaluate
-import plots
 import train
-from checkpoint import CheckpointError, load_checkpoint
-from config import parse_args, resumed_config
 from conftest import ROOT, dump_py2, rows, save_breaking_on, tiny_train_args
+from reports import plots
+from training import checkpoint
+from training.checkpoint import CheckpointError, load_checkpoint
+from training.config import parse_args, resumed_config
 
 BEST, LAST = train.BEST_NAME, train.LAST_NAME
 

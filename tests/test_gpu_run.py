@@ -4,7 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from checkpoint import load_checkpoint
+from training.checkpoint import load_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "bench" / "gpu_run.py"

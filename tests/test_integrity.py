@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
-import checkpoint
 import evaluate
 import train
-from checkpoint import DIGEST_KEY, CheckpointError, load_checkpoint, save_checkpoint, tensor_digest
 from model import resnet9
+from training import checkpoint
+from training.checkpoint import DIGEST_KEY, CheckpointError, load_checkpoint, save_checkpoint, tensor_digest
 
 
 def _storage_span(path: Path, entry_suffix: str) -> tuple[int, int]:

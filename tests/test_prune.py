@@ -17,8 +17,8 @@ import export
 import hubconf
 import prune
 import train
-from checkpoint import file_sha256, load_checkpoint, model_from_checkpoint
 from model import STANDARD_WIDTHS, BasicBlock, resnet9, widths_of
+from training.checkpoint import file_sha256, load_checkpoint, model_from_checkpoint
 
 tp = pytest.importorskip("torch_pruning")  # requirements-optional.txt
 

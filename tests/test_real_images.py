@@ -2,8 +2,8 @@
 import pytest
 
 import train
-from checkpoint import load_checkpoint
-from runtime import cpu_bf16
+from training.checkpoint import load_checkpoint
+from training.runtime import cpu_bf16
 
 NATIVE_BF16, CPU_HAS = cpu_bf16()
 

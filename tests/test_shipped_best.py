@@ -10,9 +10,9 @@ import evaluate
 import export
 import hubconf
 import train
-from checkpoint import CheckpointError, load_checkpoint
-from config import RECIPES
 from model import count_parameters
+from training.checkpoint import CheckpointError, load_checkpoint
+from training.config import RECIPES
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = ROOT / "model" / "resnet9_best.pth"

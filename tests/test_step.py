@@ -7,11 +7,12 @@ import torch
 import torch.nn.functional as F
 
 import train
-from config import TrainConfig, resumed_config
 from conftest import synthetic_images
-from data import DeviceLoader
 from model import resnet9
-from step import CudaGraphStep, EagerStep, make_step
+from training.config import TrainConfig, UsageError, fresh_config, resumed_config
+from training.device_loader import DeviceLoader
+from training.run import platform_defaults
+from training.step import CudaGraphStep, EagerStep, make_step
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 
@@ -46,7 +47,7 @@ def test_a_cuda_graph_step_needs_cuda():
     ({"ema": 0.99}, CUDA, False, False),  # the weight average trains eagerly
 ])
 def test_the_graph_is_the_default_where_it_can_work(flags, device, distributed, graph):
-    cfg = train.platform_defaults(train.fresh_config(flags), device, distributed)
+    cfg = platform_defaults(fresh_config(flags), device, distributed)
     assert cfg.cuda_graph is graph
 
 
@@ -57,8 +58,8 @@ def test_the_graph_is_the_default_where_it_can_work(flags, device, distributed, 
 ])
 def test_asking_for_a_graph_where_it_cannot_work_is_a_usage_error(flags, message):
     device = CPU if len(flags) == 1 else CUDA
-    with pytest.raises(train.UsageError, match=message):
-        train.platform_defaults(train.fresh_config(flags), device)
+    with pytest.raises(UsageError, match=message):
+        platform_defaults(fresh_config(flags), device)
 
 
 def test_cuda_graph_flag_on_the_cpu_is_one_line(tiny_cifar, tmp_path, capsys):

@@ -15,12 +15,15 @@ import torch
 import torch.nn.functional as F
 
 import train
-from checkpoint import load_checkpoint
 from conftest import ROOT, tiny_train_args
-from data import CLASSES, DeviceLoader, load_cifar10
-from runtime import Distributed, StopFlag
-from step import make_step
-from tensorboard_log import epoch_tags
+from data import CLASSES, load_cifar10
+from training.checkpoint import load_checkpoint
+from training.config import TrainConfig
+from training.device_loader import DeviceLoader
+from training.run import build_training
+from training.runtime import Distributed, StopFlag
+from training.step import make_step
+from training.tensorboard_log import epoch_tags
 
 pytest.importorskip("tensorboard", reason="tensorboard is optional: pip install -r requirements-optional.txt")
 
@@ -111,7 +114,7 @@ def test_logging_adds_no_host_sync(tiny_cifar, monkeypatch):
                             (reads.append(_name), _real(self, *a, **k))[1])
     counts, logged = [], []
     for on_sync in (None, lambda step, loss_sum, n: logged.append((step, loss_sum, n))):
-        model, optimizer = train.build_training(train.TrainConfig(), cpu, Distributed())
+        model, optimizer = build_training(TrainConfig(), cpu, Distributed())
         step = make_step(model, optimizer, F.cross_entropy, device=cpu, amp=False, channels_last=False,
                          cuda_graph=False, batch_size=16)
         loader = DeviceLoader(data.train_images[:96], data.train_labels[:96], 16, seed=0, device=cpu)
@@ -165,7 +168,7 @@ def test_a_resumed_run_keeps_logging_to_its_folder(logged_run, tmp_path, monkeyp
 
 def test_an_epoch_not_evaluated_logs_no_selection_scalars(tmp_path):
     """train.py --eval-every: an epoch without selection numbers logs its training numbers only."""
-    from tensorboard_log import TensorBoardLog
+    from training.tensorboard_log import TensorBoardLog
     log = TensorBoardLog(tmp_path)
     row = {"epoch": 1, "train_loss": 2.0, "train_acc": 20.0, "val_loss": None, "val_acc": None, "lr": 0.1,
            "images_per_second": 100.0, "seconds": 3.0, "train_seconds": 2.5}

@@ -8,10 +8,11 @@ import torch
 import torch.nn.functional as F
 
 import train
-from checkpoint import load_checkpoint, model_from_checkpoint
-from config import TrainConfig, get_args_parser
+import training.run
 from conftest import assert_same_run, final_state, stop_at_training_step, tiny_train_args
 from model import resnet9
+from training.checkpoint import load_checkpoint, model_from_checkpoint
+from training.config import TrainConfig, get_args_parser
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -145,7 +146,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_cifar, tm
         calls["n"] += 1
         loss = F.cross_entropy(*args, **kwargs)
         return loss * float("nan") if calls["n"] >= 3 else loss
-    monkeypatch.setattr(train, "F", types.SimpleNamespace(cross_entropy=exploding))
+    monkeypatch.setattr(training.run, "F", types.SimpleNamespace(cross_entropy=exploding))
     assert train.main(tiny_train_args(tiny_cifar, tmp_path, "--epochs", "3")) == 1
     assert "non-finite in epoch 2" in capsys.readouterr().err
     last = load_checkpoint(tmp_path / train.LAST_NAME)
@@ -242,7 +243,7 @@ def test_eval_every_evaluates_every_nth_epoch_and_the_last(tiny_cifar, tmp_path,
 
 
 def test_eval_every_is_part_of_the_recipe():
-    from config import RECIPES, fresh_config
+    from training.config import RECIPES, fresh_config
     assert fresh_config({}).eval_every == 1  # the paper evaluated after every epoch
     assert fresh_config({"recipe": "fast"}).eval_every == RECIPES["fast"]["eval_every"] > 1
     with pytest.raises(SystemExit):

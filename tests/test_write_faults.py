@@ -28,11 +28,12 @@ from test_faults import _cli, _one_clear_line
 import data
 import evaluate
 import export
-import plots
 import train
-import writes
-from checkpoint import load_checkpoint
+import training.run
 from conftest import remount, save_breaking_on, tiny_train_args
+from files import writes
+from reports import plots
+from training.checkpoint import load_checkpoint
 
 BEST, LAST, HISTORY = train.BEST_NAME, train.LAST_NAME, train.HISTORY_NAME
 QUICK = ("--subset", "24", "--batch-size", "8")  # 3 steps an epoch; the checkpoints keep their full size
@@ -164,13 +165,13 @@ def test_a_disk_that_fills_between_two_writes_keeps_the_rest(tiny_cifar, tmpfs, 
     last.pth), history.json (after both checkpoints) or the curves (at the end). The line names that
     file; a resume once there is room writes it and ends."""
     where = tmpfs("200m")
-    out, real_save, real_curves = where / "run", train.save_checkpoint, plots.save_curves
+    out, real_save, real_curves = where / "run", training.run.save_checkpoint, plots.save_curves
 
     def save_then_fill(obj, path):
         real_save(obj, path)
         if Path(path).name == {BEST: LAST, HISTORY: BEST}.get(fails):
             _fill(where)
-    monkeypatch.setattr(train, "save_checkpoint", save_then_fill)
+    monkeypatch.setattr(training.run, "save_checkpoint", save_then_fill)
     if fails == "loss_curve.png":
         monkeypatch.setattr(plots, "save_curves", lambda *args: (_fill(where), real_curves(*args))[1])
     code = train.main(tiny_train_args(tiny_cifar, out, "--epochs", "1", *QUICK))
@@ -183,7 +184,7 @@ def test_a_disk_that_fills_between_two_writes_keeps_the_rest(tiny_cifar, tmpfs, 
         assert load_checkpoint(out / BEST)["epoch"] == 1
 
     (where / "filler").unlink()
-    monkeypatch.setattr(train, "save_checkpoint", real_save)
+    monkeypatch.setattr(training.run, "save_checkpoint", real_save)
     monkeypatch.setattr(plots, "save_curves", real_curves)
     assert train.main(["--resume", str(out / LAST)]) == 0
     text = capsys.readouterr().out

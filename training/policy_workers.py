@@ -1,6 +1,6 @@
 """The --augment policy for whole epochs, in DataLoader worker processes, an epoch ahead of training.
 
-The device loader draws TrivialAugment per image (data.apply_policy: one of 14 operations at a
+The device loader draws TrivialAugment per image (apply_policy below: one of 14 operations at a
 random strength, seeded by (run seed, epoch, image)), one image at a time on the CPU: 0.1-0.4 ms
 an image, 4-16 s an epoch of 40,000 on one core. On a GPU an epoch of training takes under a
 second, so done in line the policy would be nearly all of a run's time (7-27 min of the 100
@@ -17,10 +17,32 @@ from collections.abc import Iterator
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
+from torchvision.transforms import v2
 
-from data import apply_policy, available_cpus, policy_seeds, policy_transform
+from data import mix_seed, policy_transform
+from training.runtime import available_cpus
 
 CHUNK = 1000  # images a worker augments per task: large enough that handing it back costs little
+
+
+def apply_policy(images: torch.Tensor, seeds: list[int], policy: v2.Transform) -> torch.Tensor:
+    """`policy` applied to each uint8 3 x 32 x 32 image (on the CPU) with its random draws seeded by
+    its own seed, so that an image's augmentation depends on nothing but (run seed, epoch, index).
+    One image at a time, as TrivialAugment draws per image: 0.1-0.4 ms each on one core (4-16 s per
+    epoch of 40,000 images; policy_workers.py spreads it over processes on a GPU machine);
+    torchvision's batched call would give a whole batch the same operation.
+    The caller's random state is left as it was."""
+    out = torch.empty_like(images)
+    with torch.random.fork_rng(devices=[]):
+        for i, seed in enumerate(seeds):
+            torch.default_generator.manual_seed(seed)
+            out[i] = policy(images[i])
+    return out
+
+
+def policy_seeds(seed: int, epoch: int, indices: list[int]) -> list[int]:
+    """The seed of each image's policy draw in `epoch`: one per (run seed, epoch, image index)."""
+    return [mix_seed(seed, epoch, i, 1) for i in indices]  # the 1: a stream apart from the sampler's
 
 
 def default_policy_workers(device: torch.device, processes: int = 1) -> int:

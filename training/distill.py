@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from checkpoint import file_sha256, load_checkpoint, model_from_checkpoint
-from config import TrainConfig, UsageError
+from training.checkpoint import file_sha256, load_checkpoint, model_from_checkpoint
+from training.config import TrainConfig, UsageError
 
 KD_FLAGS = ("kd_weight", "kd_temperature")  # the fields that mean something with a teacher only
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from config import TrainConfig, UsageError
+from training.config import TrainConfig, UsageError
 
 
 def param_groups(cfg: TrainConfig, model: nn.Module) -> list[dict]:

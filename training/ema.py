@@ -24,8 +24,8 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import update_bn
 
-from checkpoint import clean_state_dict, unwrap
-from runtime import autocast
+from training.checkpoint import clean_state_dict, unwrap
+from training.runtime import autocast
 
 
 class WeightAverage:

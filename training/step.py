@@ -25,7 +25,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from runtime import autocast
+from training.runtime import autocast
 
 
 class EagerStep:

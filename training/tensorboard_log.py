@@ -26,8 +26,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from config import UsageError
-from writes import WriteError, reason, write_error
+from files.writes import WriteError, reason, write_error
+from training.config import UsageError
 
 AUTO = "auto"  # --tensorboard without a folder: runs/<run id>
 
@@ -122,7 +122,7 @@ class TensorBoardLog:
             return
         from matplotlib.figure import Figure
 
-        import plots
+        from reports import plots
         fig = Figure(figsize=(7, 6))
         ax = fig.subplots()
         fig.colorbar(plots.draw_confusion_matrix(ax, cm, classes), ax=ax)

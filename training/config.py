@@ -13,8 +13,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import NoReturn
 
-from data import AUGMENT_POLICIES, FLIPS
+from data import AUGMENT_POLICIES
 from model import ACTIVATIONS, ARCHITECTURES, STANDARD_WIDTHS
+from training.device_loader import FLIPS
 
 
 class UsageError(Exception):
@@ -84,7 +85,7 @@ class TrainConfig:
     """Every setting of a run; the defaults are the paper's recipe. `None` means: chosen per platform."""
 
     recipe: str = _field("paper", "paper: the paper's recipe; fast: a schedule made for speed; best: made for "
-                         "accuracy within the paper's 100 epochs (see README)", str, choices=("paper", "fast", "best"))
+                         "accuracy within the paper's 100 epochs (docs/training.md)", str, choices=("paper", "fast", "best"))
     arch: str = _field("resnet9", "model architecture", str, choices=ARCHITECTURES)
     activation: str = _field("relu", "the nonlinearity after each BatchNorm and residual sum (no parameters: the "
                              "count stays the same)", str, choices=tuple(ACTIVATIONS))
@@ -161,7 +162,7 @@ class TrainConfig:
     cuda_graph: bool | None = _field(None, "record the training step once as a CUDA graph and replay it (default: on "
                                      "with CUDA, one process and the constant schedule, without --ema)")
     deterministic: bool = _field(False, "deterministic algorithms only: bit-identical reruns on one machine, slower; "
-                                 "an op without a deterministic kernel stops the run (README)")
+                                 "an op without a deterministic kernel stops the run (docs/reliability.md)")
     sync_bn: bool = _field(False, "SyncBatchNorm across processes under torchrun")
     data_dir: str = _field("data", "folder holding cifar-10-batches-py/ (downloaded there if absent)", str)
     out: str = _field("model", "folder for checkpoints, history and plots", str)

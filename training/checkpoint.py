@@ -25,9 +25,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from config import config_problems
+from files.writes import replaced
 from model import build_model
-from writes import replaced
+from training.config import config_problems
 
 _PREFIXES = ("module.", "_orig_mod.")  # added by DistributedDataParallel and torch.compile
 DIGEST_KEY = "tensor_sha256"  # where a checkpoint (or a .safetensors file's metadata) keeps its digest

@@ -21,6 +21,17 @@ from torch import nn
 DEVICE_TYPES = ("auto", "cpu", "cuda", "mps")
 
 
+def available_cpus() -> int:
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def default_workers(device: torch.device) -> int:
+    """DataLoader workers for this machine: enough to feed a GPU; on CPU one, so the model keeps the cores."""
+    cpus = available_cpus()
+    return min(8, cpus) if device.type == "cuda" else min(1, cpus - 1)
+
+
 def pick_device(name: str = "auto") -> torch.device:
     """`auto` picks CUDA, then MPS, then the CPU; a named device must exist or this raises ValueError."""
     if name == "auto":

@@ -16,7 +16,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from writes import replaced
+from files.writes import replaced
 
 
 def save_figure(fig: Figure, path: Path) -> Path:
