@@ -41,7 +41,7 @@ from reports import plots
 from training.checkpoint import CheckpointError, clean_state_dict, unwrap
 from training.config import TrainConfig, UsageError, fresh_config, parse_args, resolution_at, resumed_config
 from training.evaluation import evaluate, predict
-from training.run import Run, start_run
+from training.run import Run, check_recipe, start_run
 from training.run_files import (
     BEST_NAME,
     HISTORY_NAME,
@@ -300,6 +300,7 @@ def fit(cfg: TrainConfig, *, resume: str | None = None, resume_ckpt: dict | None
     epoch's selection accuracy there, and stops a trial that falls behind by raising). A new run
     starts from `initial_weights` when given (prune.py fine-tunes a pruned network so)."""
     dist = dist or Distributed()
+    check_recipe(cfg, dist)
     with holding_out(cfg.out, dist):  # one run per folder: a second is refused before it reads any data
         run = start_run(cfg, resume, resume_ckpt, overwrite, dist, device, initial_weights)
         with StopFlag() as stop, contextlib.closing(run.tb), contextlib.closing(run.loader), \

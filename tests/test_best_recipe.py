@@ -139,6 +139,7 @@ def test_device_loader_with_policy_workers_hands_out_the_same_batches():
     assert all(torch.equal(a, b) for a, b in zip(inline, pooled, strict=True))
 
 
+@pytest.mark.slow
 def test_a_run_with_policy_workers_trains_the_same_weights(tiny_cifar, tmp_path, capsys):
     runs = {}
     for workers in ("0", "2"):  # tiny_train_args says --workers 0; the later flag wins
@@ -162,6 +163,7 @@ def test_torchvision_loader_applies_the_policy():
     assert torch.equal(ya, yb) and not torch.equal(a, b)
 
 
+@pytest.mark.slow
 def test_best_recipe_with_elu_trains_and_the_checkpoint_rebuilds_elu_everywhere(tiny_cifar, tmp_path, capsys):
     out = tmp_path / "run"
     args = tiny_train_args(tiny_cifar, out, "--recipe", "best", "--activation", "elu", "--epochs", "2",

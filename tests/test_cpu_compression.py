@@ -21,6 +21,7 @@ def test_a_bad_item_name_is_refused(bad):
         cpu_compression.item_name(bad)
 
 
+@pytest.mark.slow
 def test_a_dry_run_prunes_fine_tunes_with_the_parent_as_teacher_times_and_draws(trained_run, tiny_cifar, tmp_path,
                                                                                capsys):
     parent = trained_run / "learn_rate_consistent_model.pth"

@@ -3,12 +3,15 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
 import cpu_fast  # noqa: E402
 
 
+@pytest.mark.slow
 def test_a_dry_run_times_both_processes_keeps_the_result_and_draws_it(tiny_cifar, tmp_path, capsys):
     out, png = tmp_path / "bench", tmp_path / "figure.png"
     args = ["--data-dir", str(tiny_cifar), "--out", str(out), "--variants", "e12-r16", "--dry-run", "--plot", str(png)]
@@ -25,6 +28,7 @@ def test_a_dry_run_times_both_processes_keeps_the_result_and_draws_it(tiny_cifar
     assert len(json.loads((out / "results.json").read_text())) == 1
 
 
+@pytest.mark.slow
 def test_a_distillation_variant_takes_its_teacher_from_the_recipes_run_in_out(tiny_cifar, tmp_path):
     out = tmp_path / "bench"
     args = ["--data-dir", str(tiny_cifar), "--out", str(out), "--dry-run"]

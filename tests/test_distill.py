@@ -91,6 +91,7 @@ def test_the_step_shows_the_teacher_the_students_batch_in_eval_mode_under_its_au
         torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_a_run_records_its_teachers_by_path_and_sha256_and_resume_checks_the_file(trained_run, tiny_cifar, tmp_path,
                                                                                   capsys):
     teacher = tmp_path / "teacher.pth"
@@ -147,6 +148,7 @@ def test_the_cuda_graph_is_refused_with_a_teacher():
         platform_defaults(TrainConfig(teacher=["t.pth"], cuda_graph=True), torch.device("cuda"))
 
 
+@pytest.mark.slow
 def test_two_processes_distil_as_one(trained_run, tiny_cifar, tmp_path):
     """Under torchrun each process shows the teacher its share of the batch: one step of global
     batch 32 over 2 processes (SyncBatchNorm) moves the weights as one process does."""

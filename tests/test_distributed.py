@@ -32,6 +32,7 @@ def tiny(data_dir, out, *extra):
     return ["--data-dir", str(data_dir), "--out", str(out), "--val-size", "20", "--no-amp", *extra]  # fp32
 
 
+@pytest.mark.slow
 def test_two_processes_take_the_same_first_step_as_one(tiny_cifar, tmp_path, capsys):
     """Global batch 32 split over 2 processes (16 each, SyncBatchNorm) = one process at batch 32:
     one epoch of 32 images is exactly one optimizer step. The 2-process run writes one set of
@@ -85,6 +86,7 @@ def _rank_pid(parent: int, rank: int) -> int | None:
     return None
 
 
+@pytest.mark.slow
 def test_a_hung_process_ends_the_job_with_a_clear_error(tiny_cifar, tmp_path):
     """Freeze rank 1 (SIGSTOP) after the first epoch: rank 0's next collective times out after
     --dist-timeout seconds, and rank 0 exits with one clear line (torchrun then ends the job)."""
@@ -117,6 +119,7 @@ def test_a_hung_process_ends_the_job_with_a_clear_error(tiny_cifar, tmp_path):
     assert (tmp_path / train.LAST_NAME).is_file()  # the last epoch's checkpoint stays
 
 
+@pytest.mark.slow
 def test_a_failed_write_on_rank_0_ends_every_process_at_once(tiny_cifar, trained_run, tmp_path, tmpfs):
     """--out on a disk that holds epoch 1's checkpoints but not a second last.pth: rank 0's write at
     the end of epoch 2 fails, every process learns of it there and exits with code 1, and rank 0 alone

@@ -50,6 +50,7 @@ def test_recomputed_batchnorm_statistics_are_the_means_over_the_first_images():
     assert torch.equal(average.model[1].running_mean, model[1].running_mean)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bn", ["recompute", "copy"])
 def test_what_is_evaluated_and_saved_is_the_average(tiny_cifar, tmp_path, monkeypatch, capsys, bn):
     evaluated = []
@@ -76,6 +77,7 @@ def test_what_is_evaluated_and_saved_is_the_average(tiny_cifar, tmp_path, monkey
         assert average["bn1.num_batches_tracked"].item() == 2  # 120 images in batches of 64: two batches
 
 
+@pytest.mark.slow
 def test_a_run_stopped_mid_epoch_resumes_the_average_exactly(tiny_cifar, tmp_path, monkeypatch, capsys):
     # 3 epochs of 2 steps, an update every 3rd step of the run: at steps 3 and 6, in the middle of
     # epoch 2 and at the end of epoch 3, so the steps must be counted over the whole run.

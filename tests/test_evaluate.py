@@ -133,6 +133,7 @@ def test_tta_shift_averages_six_views_moved_with_a_black_border():
     assert torch.equal(forward(model, x, tta=True, shift=0), (model(x) + model(x.flip(3))) / 2)
 
 
+@pytest.mark.slow
 def test_tta_shift_comes_from_the_checkpoint_unless_given(trained_run, tiny_cifar, tmp_path, capsys):
     """evaluate.py --tta uses the checkpoint's own --tta-shift (0 for the paper's recipe: 2 views),
     --tta-shift N overrides it (6 views), and a shift outside 0..16 is one line with exit 2."""

@@ -56,6 +56,7 @@ def test_safetensors_holds_every_tensor_and_the_metadata_and_no_pickle(trained_r
     assert meta["epoch"] == str(best["epoch"]) and len(meta[DIGEST_KEY]) == 64 and "normalised" in meta["input"]
 
 
+@pytest.mark.slow
 def test_evaluate_reads_safetensors_and_reports_the_same_numbers(trained_run, weights_file, tiny_cifar, tmp_path):
     reports = {}
     for name, path in (("pth", trained_run / train.BEST_NAME), ("st", weights_file)):

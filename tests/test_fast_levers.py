@@ -63,6 +63,7 @@ def test_loaders_hand_out_batches_at_their_resolution(kind):
         torch.testing.assert_close(b, resize_batch(a, 16))  # the same augmented images, scaled down
 
 
+@pytest.mark.slow
 def test_a_run_with_progressive_resizing_trains_small_then_evaluates_at_32(tiny_cifar, tmp_path, capsys):
     args = tiny_train_args(tiny_cifar, tmp_path, "--epochs", "4", "--min-res", "16", "--res-ramp", "0.5,0.5")
     assert train.main(args) == 0

@@ -187,6 +187,7 @@ def _half_written(out: Path, name: str) -> list[Path]:
     return left
 
 
+@pytest.mark.slow
 def test_kills_lose_nothing_and_resume_finishes_the_run(tiny_cifar, tmp_path):
     """SIGKILL half-way through writing the best checkpoint, then last.pth, then in the middle of an
     epoch: each time every checkpoint on disk loads, and --resume carries on (removing, with a note,
@@ -399,6 +400,7 @@ def test_fuzzed_best_checkpoints_load_or_fail_clearly_in_evaluate(trained_run, t
     assert 10 < loaded < 110 and not marker.exists()  # both outcomes reached; no payload ran
 
 
+@pytest.mark.slow
 def test_fuzzed_last_checkpoints_load_or_fail_clearly_in_resume(trained_run, tmp_path, fuzzing):
     """train.py --resume on 120 damaged copies of a last.pth. Its --out cannot be made, so a copy
     that loads (config, model, optimizer, RNG states and progress restored) stops right after."""

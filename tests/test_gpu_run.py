@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from training.checkpoint import load_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -15,6 +17,7 @@ def _gpu_run(*args: str) -> subprocess.CompletedProcess:
                           timeout=600)
 
 
+@pytest.mark.slow
 def test_dry_run_runs_every_stage_and_reports(tiny_cifar, tmp_path):
     out = tmp_path / "gpu"
     result = _gpu_run("--out", str(out), "--data-dir", str(tiny_cifar), "--dry-run")
@@ -44,6 +47,7 @@ def test_dry_run_runs_every_stage_and_reports(tiny_cifar, tmp_path):
     assert kept["fast"] == stages["fast"] and kept["paper"] == stages["paper"]
 
 
+@pytest.mark.slow
 def test_dry_run_of_the_accuracy_stages(tiny_cifar, tmp_path):
     out = tmp_path / "acc"
     result = _gpu_run("--out", str(out), "--data-dir", str(tiny_cifar), "--dry-run", "--stages", "best",

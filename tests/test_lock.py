@@ -166,8 +166,7 @@ def test_a_lock_file_removed_under_a_waiting_process_is_not_shared(tmp_path):
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the removed file: its lock is free, and worthless
         with lock.hold(folder, "--out") as held:  # a new file: the folder is held by this holder alone
             assert held and (folder / lock.LOCK_NAME).exists()
-            with pytest.raises(lock.FolderInUse):
-                with lock.hold(folder, "--out"):
-                    pass
+            with pytest.raises(lock.FolderInUse), lock.hold(folder, "--out"):
+                pass
     finally:
         os.close(fd)

@@ -107,6 +107,7 @@ def test_the_channels_ranked_lowest_go_and_the_network_computes_what_it_did():
     assert (model.layer4[0].bn1.weight != 0).all()  # the zeroed ones are the ones gone
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flops, round_to", [(0.75, 16), (0.5, 16), (0.25, 16), (0.5, 1), (0.5, 8)])
 def test_the_flops_reached_are_within_5_percent_of_those_asked(trained_run, tmp_path, capsys, flops, round_to):
     out = tmp_path / "pruned.pth"
@@ -135,6 +136,7 @@ def pruned_file(trained_run, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_a_pruned_checkpoint_is_plain_data_that_every_reader_takes(pruned_file, trained_run, tiny_cifar, tmp_path,
                                                                    capsys):
     raw = torch.load(pruned_file, map_location="cpu", weights_only=True)  # no pickled module inside
@@ -162,6 +164,7 @@ def test_a_pruned_checkpoint_is_plain_data_that_every_reader_takes(pruned_file, 
         assert torch.equal(hubconf.resnet9(pretrained=True, weights=str(weights))(x), model(x))
 
 
+@pytest.mark.slow
 def test_a_pruned_checkpoint_exports_to_onnx_that_onnxruntime_agrees_with(pruned_file, tiny_cifar, tmp_path):
     import numpy as np
     import onnxruntime as ort
@@ -181,6 +184,7 @@ def test_a_pruned_checkpoint_exports_to_onnx_that_onnxruntime_agrees_with(pruned
     assert np.abs(got - expected).max() <= export.LOGIT_TOLERANCE
 
 
+@pytest.mark.slow
 def test_iterative_pruning_fine_tunes_with_fit_and_the_fine_tune_resumes(trained_run, tiny_cifar, tmp_path, capsys):
     out, folder = tmp_path / "pruned.pth", tmp_path / "ft"
     flags = ["--data-dir", str(tiny_cifar), "--val-size", "20", "--workers", "0", "--device", "cpu", "--no-amp"]
@@ -252,6 +256,7 @@ def test_an_out_that_cannot_be_written_is_refused_before_pruning_and_a_failed_wr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "pruned.pth"]  # no temporary file left
 
 
+@pytest.mark.slow
 def test_every_step_scales_the_parents_widths_and_rounds_them():
     base = list(STANDARD_WIDTHS)
     macs = prune.macs_of_widths(base, 10, "relu")

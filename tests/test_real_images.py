@@ -26,6 +26,7 @@ def short_runs(proxy_dir, tmp_path_factory):
     return run
 
 
+@pytest.mark.slow
 def test_short_cpu_training_beats_chance_on_held_out_images(short_runs):
     """Judged on the 1,000 held-out images after 2 epochs.
 
@@ -44,6 +45,7 @@ def test_short_cpu_training_beats_chance_on_held_out_images(short_runs):
     assert best["history"] == history[:best["epoch"]]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not NATIVE_BF16, reason=f"this CPU has no native bf16 (AMX or AVX512-BF16; it has {CPU_HAS}): "
                     "bf16 is not its default and would be emulated")
 def test_bf16_learns_as_fp32_does(short_runs):

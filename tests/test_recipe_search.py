@@ -5,9 +5,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.slow
 def test_dry_run_trains_scores_and_confirms(tiny_cifar, tmp_path):
     out = tmp_path / "search"
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "recipe_search.py"), "--data-dir", str(tiny_cifar),

@@ -54,6 +54,7 @@ def test_shipped_best_is_the_papers_network_trained_by_the_best_recipe():
         assert (CURVES / name).stat().st_size > 10_000
 
 
+@pytest.mark.slow
 @needs_shipped
 def test_shipped_best_exports_to_onnx_unchanged(tmp_path):
     pytest.importorskip("onnx")
@@ -62,6 +63,7 @@ def test_shipped_best_exports_to_onnx_unchanged(tmp_path):
     assert out.stat().st_size > 19_000_000  # 4.9 M float32 weights
 
 
+@pytest.mark.slow
 @needs_shipped
 def test_shipped_best_reaches_its_figure_on_the_held_out_images(proxy_dir, tmp_path):
     """evaluate.py, unchanged, on the first 2,000 `test_batch` images of the proxy, one view, in fp32.

@@ -136,6 +136,7 @@ def test_missing_tensorboard_is_one_line_before_training(tiny_cifar, tmp_path, c
     assert "epoch" not in captured.out and not (tmp_path / "tb").exists()
 
 
+@pytest.mark.slow
 def test_under_torchrun_only_rank_0_writes(tiny_cifar, tmp_path):
     folder = tmp_path / "tb"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -150,6 +151,7 @@ def test_under_torchrun_only_rank_0_writes(tiny_cifar, tmp_path):
     assert _confusion(acc, "confusion_matrix/val")[0].sum() == 20  # both processes' shares of the 20 images
 
 
+@pytest.mark.slow
 def test_a_resumed_run_keeps_logging_to_its_folder(logged_run, tmp_path, monkeypatch):
     """runs/<run id> is stored as `auto` in last.pth and resolves to the same folder on --resume."""
     import shutil
@@ -180,6 +182,7 @@ def test_an_epoch_not_evaluated_logs_no_selection_scalars(tmp_path):
     assert _scalars(acc, "accuracy/val") == {2: 40.0} and _scalars(acc, "loss/val") == {2: 1.5}
 
 
+@pytest.mark.slow
 def test_a_run_ending_on_an_epoch_not_evaluated_writes_its_summary(tiny_cifar, tmp_path):
     """A last.pth whose last row has no selection numbers (as after an unevaluated epoch), resumed with
     --epochs at that epoch: the run ends there, and the hparams summary leaves those numbers out."""

@@ -69,6 +69,7 @@ def _scripted_accuracies(monkeypatch, accuracies):
     monkeypatch.setattr(train, "evaluate", lambda *a, **k: {"loss": 1.0, "acc": next(scores), "n": 20})
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("reload_best", [True, False])
 def test_best_weights_are_reloaded_after_a_worse_epoch(tiny_cifar, tmp_path, monkeypatch, reload_best):
     _scripted_accuracies(monkeypatch, [50.0, 40.0, 30.0])
@@ -83,6 +84,7 @@ def test_best_weights_are_reloaded_after_a_worse_epoch(tiny_cifar, tmp_path, mon
     assert [h["reloaded"] for h in history] == [False, reload_best, reload_best]
 
 
+@pytest.mark.slow
 def test_resume_after_an_epoch_equals_an_uninterrupted_run(tiny_cifar, trained_run, tmp_path):
     out = tmp_path / "split"
     assert train.main(tiny_train_args(tiny_cifar, out, "--no-reload-best", "--epochs", "1")) == 0
@@ -90,6 +92,7 @@ def test_resume_after_an_epoch_equals_an_uninterrupted_run(tiny_cifar, trained_r
     assert_same_run(final_state(trained_run), final_state(out))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loader", ["device", "torchvision"])
 def test_ctrl_c_mid_epoch_saves_and_resume_is_exact(tiny_cifar, tmp_path, monkeypatch, capsys, loader):
     reference = tmp_path / "reference"
@@ -105,6 +108,7 @@ def test_ctrl_c_mid_epoch_saves_and_resume_is_exact(tiny_cifar, tmp_path, monkey
     assert_same_run(final_state(reference), final_state(out))
 
 
+@pytest.mark.slow
 def test_val_size_zero_selects_on_test_as_the_paper(tiny_cifar, tmp_path, capsys):
     args = tiny_train_args(tiny_cifar, tmp_path, "--val-size", "0")  # 2 epochs: 1 would test once, selecting nothing
     assert train.main(args) == 0
@@ -139,6 +143,7 @@ def test_absent_cuda_is_one_clear_error(tiny_cifar, tmp_path, capsys):
     assert err.startswith("error: --device cuda: no CUDA GPU") and err.count("\n") == 1
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_cifar, tmp_path, monkeypatch, capsys):
     calls = {"n": 0}
 
@@ -161,6 +166,7 @@ def test_resume_keeps_the_recipe_and_takes_only_last_pth(trained_run, capsys):
     assert "not a last.pth" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_another_runs_output_is_not_overwritten_without_flag(tiny_cifar, trained_run, tmp_path, capsys):
     before = (trained_run / train.BEST_NAME).read_bytes()
     assert train.main(tiny_train_args(tiny_cifar, trained_run, "--epochs", "1")) == 2
@@ -181,6 +187,7 @@ def test_unwritable_output_fails_before_training(tiny_cifar, tmp_path, capsys):
     assert "cannot write to --out" in err and err.count("\n") == 1
 
 
+@pytest.mark.slow
 def test_plain_run_beside_a_shipped_checkpoint_writes_elsewhere(tiny_cifar, trained_run, tmp_path, monkeypatch,
                                                                 capsys):
     """`python train.py` with no --out, where model/ already holds a checkpoint (the shipped one):
@@ -200,6 +207,7 @@ def test_plain_run_beside_a_shipped_checkpoint_writes_elsewhere(tiny_cifar, trai
     assert sorted(p.name for p in (tmp_path / "model").iterdir()) == [train.BEST_NAME]
 
 
+@pytest.mark.slow
 def test_the_run_says_its_speed_once_from_its_first_steps(tiny_cifar, tmp_path, capsys):
     """The expected length comes from the speed measured here (not a constant), said once per run."""
     assert train.main(tiny_train_args(tiny_cifar, tmp_path, "--subset", "64", "--batch-size", "8")) == 0
@@ -209,6 +217,7 @@ def test_the_run_says_its_speed_once_from_its_first_steps(tiny_cifar, tmp_path, 
     assert rate > 0 and "measured over" in lines[0] and "the 2 epochs left" in lines[0]
 
 
+@pytest.mark.slow
 def test_eval_every_evaluates_every_nth_epoch_and_the_last(tiny_cifar, tmp_path, monkeypatch, capsys):
     """--eval-every 2 over 5 epochs: the selection split after epochs 2, 4 and 5 only; the others have
     null selection numbers, are never the best, and the curves, resume and evaluate.py take them."""

@@ -100,6 +100,7 @@ def test_second_run_resumes_the_study(four_trials, tiny_cifar, tmp_path):
     assert len((out / STUDY / "trials.csv").read_text().splitlines()) == 6
 
 
+@pytest.mark.slow
 def test_a_trial_behind_the_median_is_pruned(tiny_cifar, tmp_path, monkeypatch):
     monkeypatch.setattr(tune, "MEDIAN_STARTUP_TRIALS", 2)
     flags = ["--out", str(tmp_path), "--study", STUDY, "--data-dir", str(tiny_cifar), "--epochs", "3",
@@ -148,6 +149,7 @@ def test_a_failing_trial_is_recorded_and_the_study_goes_on(tiny_cifar, tmp_path,
     assert (tmp_path / STUDY / "best_command.txt").is_file()
 
 
+@pytest.mark.slow
 def test_a_trial_that_cannot_write_its_checkpoints_stops_the_search_in_one_line(tiny_cifar, tmp_path, monkeypatch):
     """The trials' disk is full: the first trial's last.pth fails half-way (as torch.save fails there).
     No other trial would fare better, so the search stops: one line, exit code 1, no traceback; the
@@ -180,6 +182,7 @@ def test_a_read_only_study_folder_is_one_line_and_keeps_its_table(tiny_cifar, tm
     assert table.read_bytes() == before
 
 
+@pytest.mark.slow
 def test_a_study_database_that_cannot_be_written_is_one_line(tiny_cifar, tmp_path, tmpfs, monkeypatch):
     """The SQLite study on its own small disk: the disk fills while the first trial trains (its first
     report to the study fails: the search stops, exit code 1); then a copy of the study on a read-only
@@ -234,6 +237,7 @@ def test_ctrl_c_ends_the_running_trial_and_keeps_the_study(tiny_cifar, tmp_path,
     assert again.number == 0 and queued.state.name == "WAITING" and queued.user_attrs["paper"]
 
 
+@pytest.mark.slow
 def test_two_processes_share_one_sqlite_study(tiny_cifar, tmp_path):
     argv = [sys.executable, str(ROOT / "tune.py"), "--trials", "2", *tiny_flags(tiny_cifar, tmp_path, "--epochs", "1")]
     procs = [subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

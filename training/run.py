@@ -226,14 +226,19 @@ def build_training(cfg: TrainConfig, device: torch.device, dist: Distributed,
     return model, make_optimizer(cfg, model, device)
 
 
-def start_run(cfg: TrainConfig, resume: str | None, resume_ckpt: dict | None, overwrite: bool, dist: Distributed,
-              device: torch.device, initial_weights: dict | None = None) -> Run:
+def check_recipe(cfg: TrainConfig, dist: Distributed) -> None:
+    """Refuse settings that cannot go together, before anything is locked, read or written."""
     if cfg.batch_size % dist.world_size:
         raise UsageError(f"--batch-size {cfg.batch_size} is the global batch and must divide evenly "
                          f"over {dist.world_size} processes")
     if cfg.ema and cfg.reload_best:
         raise UsageError("--ema and --reload-best: going back to the best weights is not defined for an average "
                          "of the weights; pick one")
+
+
+def start_run(cfg: TrainConfig, resume: str | None, resume_ckpt: dict | None, overwrite: bool, dist: Distributed,
+              device: torch.device, initial_weights: dict | None = None) -> Run:
+    """Everything the loop needs, from a checked recipe, in a folder this process holds."""
     amp_why = (default_amp(device)[1] if cfg.amp is None else "as the resumed run" if resume_ckpt is not None
                else "--amp" if cfg.amp else "--no-amp")
     cfg = platform_defaults(cfg, device, dist.enabled)
