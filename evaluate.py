@@ -5,7 +5,8 @@
     python evaluate.py model/learn_rate_consistent_model.pth --image cat.jpg dog.png
 
 The model is rebuilt from the checkpoint alone (its config names the architecture); a .safetensors
-file written by export.py works as well as a .pth (its metadata holds the config). On the test set
+file written by export.py works as well as a .pth (its metadata holds the config), and an .onnx file
+of export.py (fp32 or --int8) is run with onnxruntime on the CPU, for the same report. On the test set
 it prints and writes to --out-dir: loss, top-1/top-3 accuracy, per-class accuracy and the confusion
 matrix, calibration (expected calibration error over 15 confidence bins, a reliability diagram),
 horizontal-flip test-time augmentation (--tta), accuracy under five seeded corruptions at three
@@ -40,9 +41,10 @@ from data import (
     read_meta,
     to_device_images,
 )
+from deploy import onnx_model
 from files.lock import FolderInUse, hold
 from files.writes import WriteError, check_folder, replaced
-from model import STANDARD_WIDTHS, count_parameters
+from model import STANDARD_WIDTHS, build_model, count_parameters
 from reports import corruptions, metrics, plots
 from training.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from training.config import OneLineParser
@@ -324,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     except WriteError as e:  # the measurements are lost with it, but nothing written before is damaged
         print(f"error: {e.explained(then='run the same command again')}", file=sys.stderr)
         return 1
-    except (CheckpointError, DataError, ValueError, OSError) as e:
+    except (CheckpointError, DataError, ValueError, OSError, onnx_model.OnnxError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except FolderInUse as e:
@@ -347,21 +349,50 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--limit must be 0 (all test images) or more, got {args.limit}")
     if args.tta_shift is not None and not 0 <= args.tta_shift <= 16:
         raise ValueError(f"--tta-shift must be in 0..16 pixels, got {args.tta_shift}")
-    ckpt = load_checkpoint(args.checkpoint)
+    if Path(args.checkpoint).suffix == ".onnx":
+        model, ckpt = onnx_export(args)
+        device = torch.device("cpu")
+    else:
+        ckpt = load_checkpoint(args.checkpoint)
+        device = pick_device(args.device)
+        given = (args.amp, "--amp" if args.amp else "--no-amp")
+        args.amp, args.amp_why = default_amp(device) if args.amp is None else given
+        model = model_from_checkpoint(ckpt, args.checkpoint).to(device)
+        if channels_last(device):
+            model = model.to(memory_format=torch.channels_last)
     if args.tta_shift is None:
         saved = (ckpt.get("config") or {}).get("tta_shift", 0)
         args.tta_shift = saved if type(saved) is int and 0 <= saved <= 16 else 0
-    device = pick_device(args.device)
-    given = (args.amp, "--amp" if args.amp else "--no-amp")
-    args.amp, args.amp_why = default_amp(device) if args.amp is None else given
-    model = model_from_checkpoint(ckpt, args.checkpoint).to(device)
-    if channels_last(device):
-        model = model.to(memory_format=torch.channels_last)
     if args.image:
         return classify_files(model, args.image, device, args.batch_size, args.tta, args.amp, args.tta_shift)
     out_dir = Path(args.out_dir or Path("eval") / Path(args.checkpoint).stem)
     with hold(out_dir, "--out-dir"):  # one writer at a time; the folder is removed again if nothing is written
         return write_report(model, ckpt, device, args, out_dir)
+
+
+def parameters_of(model: nn.Module, ckpt: dict) -> int:
+    """The network's parameter count: the module's own, or for an ONNX file the count of the network
+    its config describes (the file's initializers are folded, and quantised for int8)."""
+    if not isinstance(model, onnx_model.OnnxClassifier):
+        return count_parameters(model)
+    config = ckpt["config"]
+    return count_parameters(build_model(config.get("arch", "resnet9"), config.get("num_classes", 10),
+                                        config.get("activation", "relu"), config.get("widths", [])))
+
+
+def onnx_export(args: argparse.Namespace) -> tuple[nn.Module, dict]:
+    """An export.py ONNX file as a module (deploy/onnx_model.py) and its metadata in a checkpoint's
+    keys; it runs on the CPU in the precision it was exported in (fp32 or int8)."""
+    if args.amp or args.device not in ("auto", "cpu"):
+        raise ValueError(f"{args.checkpoint}: an ONNX file runs with onnxruntime on the CPU, in its own precision; "
+                         "drop --device and --amp")
+    model = onnx_model.OnnxClassifier(args.checkpoint)
+    meta = model.meta
+    quantized = "quantization" in meta
+    args.amp, args.amp_why = False, f"onnxruntime, {'int8' if quantized else 'fp32'}"
+    epoch = meta.get("epoch", "0")
+    return model, {"config": meta["config"], "epoch": int(epoch) if epoch.isdigit() else None,
+                   "metrics": None, "onnx": {"int8": quantized, "source_checkpoint": meta.get("source_checkpoint")}}
 
 
 def write_report(model: nn.Module, ckpt: dict, device: torch.device, args: argparse.Namespace, out_dir: Path) -> int:
@@ -372,9 +403,9 @@ def write_report(model: nn.Module, ckpt: dict, device: torch.device, args: argpa
         raise ValueError(f"cannot write to --out-dir {out_dir}: {e.why}; {e.remedy}") from None
     images, labels = load_test_set(args.data_dir, args.limit)
     report = {"checkpoint": str(args.checkpoint), "epoch": ckpt.get("epoch"), "device": str(device), "amp": args.amp,
-              "torch": str(torch.__version__), "limit": args.limit, "parameters": count_parameters(model),
+              "torch": str(torch.__version__), "limit": args.limit, "parameters": parameters_of(model, ckpt),
               "widths": list((ckpt.get("config") or {}).get("widths") or STANDARD_WIDTHS),  # as the model was built
-              "pruning": ckpt.get("pruning")}
+              "pruning": ckpt.get("pruning"), "onnx": ckpt.get("onnx")}
     pruned = report["pruning"] if isinstance(report["pruning"], dict) else {}
     macs = f", {pruned['macs'] / 1e6:.1f} M MACs per image (prune.py)" if isinstance(pruned.get("macs"), int) else ""
     widths = ",".join(map(str, report["widths"]))

@@ -16,6 +16,10 @@ Two sets of weights ship: `resnet9` has the paper's recipe (model/learn_rate_con
 docs/results.md):
 
     model = torch.hub.load("path/to/this/repo", "resnet9_best", source="local")
+    model = torch.hub.load("path/to/this/repo", "resnet9_best_int8", source="local")  # onnxruntime, int8
+
+`resnet9_best_int8` is that model exported by `export.py --int8` (model/resnet9_best-int8.onnx),
+run by onnxruntime on the CPU behind the same module interface (it needs requirements-optional.txt).
 
 The model comes back in eval mode and expects float32 N x 3 x 32 x 32 RGB images scaled to [0, 1]
 and normalised with the CIFAR-10 mean and std (data.py: CIFAR10_MEAN, CIFAR10_STD); its 10 outputs
@@ -32,6 +36,7 @@ dependencies = ["torch"]  # what torch.hub checks before loading this file
 MODEL_DIR = Path(__file__).resolve().parent / "model"
 SHIPPED_WEIGHTS = MODEL_DIR / "learn_rate_consistent_model.pth"  # the paper's recipe
 BEST_WEIGHTS = MODEL_DIR / "resnet9_best.pth"  # `train.py --recipe best`
+BEST_INT8 = MODEL_DIR / "resnet9_best-int8.onnx"  # that checkpoint through `export.py --int8`
 
 
 def resnet9(pretrained: bool = False, weights: str | None = None, num_classes: int = 10,
@@ -55,6 +60,15 @@ def resnet9_best() -> nn.Module:
     the shipped model/resnet9_best.pth, in eval mode. Its inputs and outputs are resnet9's; its
     accuracy and the run that made it are in docs/results.md."""
     return _pretrained(BEST_WEIGHTS, 10)
+
+
+def resnet9_best_int8() -> nn.Module:
+    """resnet9_best quantised to int8 (model/resnet9_best-int8.onnx, docs/export.md, "int8"), run
+    with onnxruntime on the CPU: the same inputs and outputs as resnet9_best, no gradients. Raises
+    deploy.onnx_model.OnnxError (one line) when the file or onnxruntime is missing."""
+    from deploy.onnx_model import OnnxClassifier
+
+    return OnnxClassifier(BEST_INT8).eval()
 
 
 def _pretrained(path: Path, num_classes: int) -> nn.Module:

@@ -85,7 +85,8 @@ class TrainConfig:
     """Every setting of a run; the defaults are the paper's recipe. `None` means: chosen per platform."""
 
     recipe: str = _field("paper", "paper: the paper's recipe; fast: a schedule made for speed; best: made for "
-                         "accuracy within the paper's 100 epochs (docs/training.md)", str, choices=("paper", "fast", "best"))
+                         "accuracy within the paper's 100 epochs (docs/training.md)", str,
+                         choices=("paper", "fast", "best"))
     arch: str = _field("resnet9", "model architecture", str, choices=ARCHITECTURES)
     activation: str = _field("relu", "the nonlinearity after each BatchNorm and residual sum (no parameters: the "
                              "count stays the same)", str, choices=tuple(ACTIVATIONS))
