@@ -53,9 +53,12 @@ def _close_in_child() -> None:
 
 
 def _acquire(path: Path, flag: str, wait: bool) -> int:
-    """A descriptor of `path` locked by this process (after its holder ends, with `wait`), or FolderInUse."""
+    """A descriptor of `path` locked by this process (after its holder ends, with `wait`), or FolderInUse.
+    The descriptor is read-only where the filesystem allows: a disk with a file open for writing
+    cannot be remounted read-only (NFS locks exclusively only what may be written: there, read-write)."""
+    mode = os.O_RDONLY
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(path, mode | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
             if os.path.samestat(os.fstat(fd), os.stat(path)):
@@ -66,6 +69,12 @@ def _acquire(path: Path, flag: str, wait: bool) -> int:
                               f"or choose another {flag}") from None
         except FileNotFoundError:
             pass
+        except OSError as e:
+            os.close(fd)
+            if e.errno == errno.EBADF and mode == os.O_RDONLY:
+                mode = os.O_RDWR
+                continue
+            raise
         except BaseException:
             os.close(fd)
             raise
@@ -102,9 +111,8 @@ def hold(folder: str | os.PathLike, flag: str, wait: bool = False) -> Iterator[b
     _held.add(fd)
     info = {"pid": os.getpid(), "host": socket.gethostname(), "command": " ".join(sys.argv),
             "since": time.strftime("%Y-%m-%d %H:%M:%S")}
-    with contextlib.suppress(OSError):  # who holds it is for the message only; the lock is what counts
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(info).encode(), 0)
+    with contextlib.suppress(OSError), open(path, "w") as record:  # for the message only: the lock is what counts
+        record.write(json.dumps(info))
     try:
         yield True
     finally:
