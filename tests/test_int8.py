@@ -36,6 +36,14 @@ def _export(*args: str) -> tuple[int, str]:
     return code, buffer.getvalue()
 
 
+def _largest_int8_weight(path: Path) -> int:
+    """The largest |value| among the file's int8 weights (its int8 initializers)."""
+    weights = [onnx.numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer
+               if t.data_type == onnx.TensorProto.INT8 and len(t.dims) > 1]
+    assert weights
+    return max(int(np.abs(w.astype(np.int16)).max()) for w in weights)
+
+
 @pytest.fixture(scope="module")
 def exports(trained_run, tiny_cifar, tmp_path_factory) -> dict[str, Path]:
     folder, best = tmp_path_factory.mktemp("int8"), trained_run / train.BEST_NAME
@@ -60,6 +68,8 @@ def test_an_int8_export_agrees_with_pytorch_within_its_bound(exports, trained_ru
     ops = {n.op_type for n in proto.graph.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops  # QDQ: the convolutions run on int8
     assert exports["int8"].stat().st_size < exports["fp32"].stat().st_size / 3  # int8 weights: a quarter
+    # 7 bits: AVX2 without VNNI adds two uint8 x int8 products in 16 bits, which 255 x 127 x 2 overflows
+    assert 32 < _largest_int8_weight(exports["int8"]) <= 64
     from training.checkpoint import load_checkpoint, model_from_checkpoint
     model = model_from_checkpoint(load_checkpoint(trained_run / train.BEST_NAME)).eval()
     images = read_batch(tiny_cifar / "cifar-10-batches-py" / TEST_FILE)[0]
@@ -173,6 +183,7 @@ def test_the_shipped_int8_model_comes_through_the_hub_and_keeps_its_bound(proxy_
     int8 = torch.hub.load(str(ROOT), "resnet9_best_int8", source="local")
     assert json.loads(int8.meta["quantization"])["calibration_data"].startswith("training images")
     assert int8.meta["source_checkpoint"] == "resnet9_best.pth"
+    assert _largest_int8_weight(ROOT / "model" / "resnet9_best-int8.onnx") <= 64  # right on AVX2 too
     best = model_from_checkpoint(load_checkpoint(ROOT / "model" / "resnet9_best.pth")).eval()
     images = read_batch(proxy_dir / "cifar-10-batches-py" / TEST_FILE)[0][:1000]
     x = normalize_batch(to_device_images(images, torch.device("cpu")))
